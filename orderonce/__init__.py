@@ -1,0 +1,1 @@
+"""orderonce: order events applied exactly once (Celery + Redis locks + PostgreSQL)."""

@@ -1,0 +1,61 @@
+"""The Celery app both sides share: JSON only, late acks, one message at a time.
+
+Producers use it to send; the worker registers its task on it. The settings here are the ones
+the exactly-once and nothing-lost guarantees depend on; ``check_celery_safety`` refuses a
+worker whose configuration drifted from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from orderonce.config import Settings, UnsafeSettings
+
+TASK_NAME = "orderonce.process_event"
+
+
+def make_celery(broker_url: str, settings: Settings) -> Celery:
+    app = Celery("orderonce", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        # Never pickle: a message body must not be able to run code in the worker.
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        # Ack only after the outcome is committed; a lost worker's message goes back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_timeout=False,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+def check_celery_safety(conf: Any, settings: Settings) -> None:
+    """Raise UnsafeSettings if the Celery configuration could ack, drop or unpickle."""
+    problems = []
+    if set(conf.accept_content) != {"json"} or conf.task_serializer != "json":
+        problems.append("only JSON may be accepted (accept_content=['json'])")
+    if not conf.task_acks_late:
+        problems.append("task_acks_late must be on, or a crash loses the message")
+    if not conf.task_reject_on_worker_lost:
+        problems.append("task_reject_on_worker_lost must be on with late acks")
+    if conf.worker_prefetch_multiplier != 1:
+        problems.append("worker_prefetch_multiplier must be 1")
+    visibility = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+    if conf.task_time_limit is None or visibility <= conf.task_time_limit:
+        problems.append("the broker visibility timeout must exceed the task time limit")
+    if settings.lock_ttl_ms / 1000 <= (conf.task_time_limit or float("inf")):
+        problems.append("the lock TTL must exceed the task time limit")
+    if problems:
+        raise UnsafeSettings("; ".join(problems))

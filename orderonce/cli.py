@@ -1,0 +1,177 @@
+"""The ``orderonce`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Order events applied exactly once.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+order_app = typer.Typer(help="Look at orders.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(order_app, name="order")
+
+console = Console()
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _engine() -> Any:
+    from orderonce.config import resolve, settings
+    from worker.db import make_engine
+
+    return make_engine(resolve().database_url, settings())
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema to the latest version."""
+    from worker.migrate import upgrade
+
+    upgrade(_engine())
+    console.print("database schema is up to date")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
+    name: Annotated[str | None, typer.Option(help="Worker node name.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker that applies events exactly once."""
+    from orderonce import logs
+
+    logs.configure(loglevel)
+    from worker.celery_app import app as celery_app
+
+    argv = ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if name:
+        argv.append(f"--hostname={name}")
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def publish(
+    file: Annotated[str, typer.Argument(help="JSON lines of CloudEvents, or - for stdin.")] = "-",
+    as_json: JsonFlag = False,
+) -> None:
+    """Publish CloudEvents (one JSON object per line) to the broker."""
+    from orderonce.config import resolve, settings
+    from producers import Publisher
+
+    stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
+    publisher = Publisher(resolve().broker_url, settings())
+    published = skipped = 0
+    try:
+        for line in stream:
+            if line.strip():
+                # Sent as-is: validating is the worker's job, and it dead-letters bad input
+                # with a reason instead of losing it here.
+                publisher.publish_raw(line.strip())
+                published += 1
+            else:
+                skipped += 1
+    finally:
+        publisher.close()
+    summary = {"published": published, "blank_lines": skipped}
+    if as_json:
+        _print_json(summary)
+    else:
+        console.print(f"published {published} events")
+
+
+@order_app.command("show")
+def order_show(order_id: str, as_json: JsonFlag = False) -> None:
+    """An order: status, lines, totals and the events applied to it."""
+    from worker import reports
+
+    with _engine().connect() as conn:
+        found = reports.order(conn, order_id)
+    if found is None:
+        console.print(f"no order {order_id}")
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(found)
+        return
+    console.print(f"[bold]{order_id}[/] {found['status']} total {found['total']} "
+                  f"{found['currency']} customer {found['customer_id']}")
+    for title, rows in (("lines", found["lines"]), ("events", found["events"]),
+                        ("ledger", found["ledger"])):
+        if rows:
+            console.print(_table(title, rows))
+
+
+@app.command()
+def inventory(as_json: JsonFlag = False) -> None:
+    """Stock per SKU: on hand and reserved."""
+    from worker import reports
+
+    with _engine().connect() as conn:
+        rows = reports.inventory(conn)
+    if as_json:
+        _print_json(rows)
+    else:
+        console.print(_table("inventory", rows))
+
+
+@app.command()
+def stats(as_json: JsonFlag = False) -> None:
+    """Events processed by outcome, duplicates, rejections, dead letters, orders by status."""
+    from worker import reports
+
+    with _engine().connect() as conn:
+        figures = reports.stats(conn)
+    if as_json:
+        _print_json(figures)
+        return
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            console.print(_table(key, [{"key": k, "count": v} for k, v in value.items()]))
+        else:
+            console.print(f"{key}: {value}")
+
+
+@app.command()
+def verify(as_json: JsonFlag = False) -> None:
+    """Check from the database alone: nothing applied twice, ledger balanced, stock conserved."""
+    from worker import reports
+
+    with _engine().connect() as conn:
+        checks = reports.verify(conn)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        _print_json({"ok": ok, "checks": [c.__dict__ for c in checks]})
+    else:
+        for c in checks:
+            console.print(f"{'[green]ok  [/]' if c.ok else '[red]FAIL[/]'} {c.name}: {c.detail}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded PostgreSQL and Redis, if they are running."""
+    from orderonce.config import settings
+    from orderonce.embedded import stop_servers
+
+    stopped = stop_servers(settings().state_dir.resolve())
+    console.print("embedded servers stopped" if stopped else "no embedded servers were running")
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in rows[0] if rows else []:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table

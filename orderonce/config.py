@@ -1,0 +1,101 @@
+"""Settings, read from ``ORDERONCE_*`` environment variables (secrets never live in files here).
+
+With no database or Redis URL configured, ``resolve()`` starts (or reuses) the embedded servers
+under the state directory, so every command works on a fresh machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UnsafeSettings(ValueError):
+    """A combination of settings that would break the exactly-once or nothing-lost guarantees."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORDERONCE_", frozen=True)
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    broker_url: str | None = None  # defaults to redis_url
+    state_dir: Path = Path(".orderonce")
+
+    queue: str = "orderonce.events"
+    max_body_bytes: int = 256 * 1024
+
+    # Time budget of one delivery. The lock must outlive any live holder (ttl > hard limit), and
+    # the broker must not hand a message to a second worker while the first may still run it
+    # (visibility timeout > hard limit), or the lock would be the only thing left between two
+    # concurrent runs. The database still decides, but we want contention to be rare.
+    task_soft_time_limit_s: float = 20.0
+    task_time_limit_s: float = 30.0
+    lock_ttl_ms: int = 40_000
+    visibility_timeout_s: int = 90
+    # A session left idle inside a transaction (its worker paused or wedged) would hold the
+    # processed-messages row and block the worker taking over; PostgreSQL ends it after this.
+    idle_in_transaction_timeout_ms: int = 10_000
+    statement_timeout_ms: int = 15_000
+
+    # Retries of one delivery before Celery takes over with a redelivery.
+    db_retry_attempts: int = 5
+    # Backoff for events that arrive before the state they need, and their budget before parking.
+    too_early_max_retries: int = 12
+    too_early_backoff_s: float = 0.5
+    too_early_backoff_max_s: float = 60.0
+    lock_busy_countdown_s: float = 1.0
+    poison_max_retries: int = 5
+
+    @model_validator(mode="after")
+    def _check_safety(self) -> Settings:
+        check_safety(self)
+        return self
+
+
+def check_safety(s: Settings) -> None:
+    problems = []
+    if s.task_soft_time_limit_s >= s.task_time_limit_s:
+        problems.append("task_soft_time_limit_s must be below task_time_limit_s")
+    if s.lock_ttl_ms / 1000 <= s.task_time_limit_s:
+        problems.append("lock_ttl_ms must exceed task_time_limit_s, or a live holder loses it")
+    if s.visibility_timeout_s <= s.task_time_limit_s:
+        problems.append(
+            "visibility_timeout_s must exceed task_time_limit_s, or the broker redelivers "
+            "messages that are still running"
+        )
+    if s.idle_in_transaction_timeout_ms / 1000 >= s.lock_ttl_ms / 1000:
+        problems.append("idle_in_transaction_timeout_ms must be shorter than lock_ttl_ms")
+    if problems:
+        raise UnsafeSettings("; ".join(problems))
+
+
+@cache
+def settings() -> Settings:
+    return Settings()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Concrete URLs for this process: configured ones, else the embedded servers'."""
+
+    database_url: str
+    redis_url: str
+    broker_url: str
+
+
+@cache
+def resolve() -> Resolved:
+    s = settings()
+    database_url, redis_url = s.database_url, s.redis_url
+    if database_url is None or redis_url is None:
+        from orderonce.embedded import ensure_servers
+
+        embedded = ensure_servers(s.state_dir.resolve())
+        database_url = database_url or embedded.database_url
+        redis_url = redis_url or embedded.redis_url
+    return Resolved(database_url, redis_url, s.broker_url or redis_url)

@@ -1,0 +1,49 @@
+"""The event contract: CloudEvents 1.0 envelopes carrying order events.
+
+Pydantic models here are the source of truth; ``schemas/json/`` holds JSON Schema files
+generated from them for producers written in other languages (``orderonce schemas``).
+"""
+
+from schemas.events import (
+    CLOUD_EVENT,
+    EVENT_TYPES,
+    CloudEvent,
+    InventoryRestocked,
+    InventoryRestockedEvent,
+    LineItem,
+    OrderCancelled,
+    OrderCancelledEvent,
+    OrderCreated,
+    OrderCreatedEvent,
+    OrderEvent,
+    OrderPaid,
+    OrderPaidEvent,
+    OrderRefunded,
+    OrderRefundedEvent,
+    OrderShipped,
+    OrderShippedEvent,
+)
+from schemas.parsing import BadEvent, parse_event, payload_hash
+
+__all__ = [
+    "CLOUD_EVENT",
+    "EVENT_TYPES",
+    "BadEvent",
+    "CloudEvent",
+    "InventoryRestocked",
+    "InventoryRestockedEvent",
+    "LineItem",
+    "OrderCancelled",
+    "OrderCancelledEvent",
+    "OrderCreated",
+    "OrderCreatedEvent",
+    "OrderEvent",
+    "OrderPaid",
+    "OrderPaidEvent",
+    "OrderRefunded",
+    "OrderRefundedEvent",
+    "OrderShipped",
+    "OrderShippedEvent",
+    "parse_event",
+    "payload_hash",
+]

@@ -1,0 +1,193 @@
+"""Pydantic models of the order events (CloudEvents 1.0, structured JSON mode).
+
+A message's identity for deduplication is (``source``, ``id``), as the CloudEvents spec
+defines it. Money travels as a decimal string, never a JSON number: binary floats cannot hold
+cents exactly, and a producer that sends one has a bug we want to see, not round away.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+)
+
+MONEY_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$"
+CURRENCIES = frozenset({"EUR", "USD", "GBP", "CHF", "SEK", "NOK", "DKK", "PLN", "CZK", "JPY"})
+
+EventType = Literal[
+    "inventory.restocked",
+    "order.created",
+    "order.paid",
+    "order.cancelled",
+    "order.shipped",
+    "order.refunded",
+]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+
+
+def _money_from_string(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return value
+    if not isinstance(value, str):
+        raise ValueError('money must be a decimal string such as "12.50", not a JSON number')
+    return value
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_money_from_string),
+    Field(ge=0, max_digits=14, decimal_places=2),
+    PlainSerializer(lambda d: f"{d:.2f}", return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": MONEY_PATTERN}),
+]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")]
+Sku = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9-]{0,31}$")]
+Quantity = Annotated[int, Field(gt=0, le=100_000, strict=True)]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known_currency(currency: str) -> None:
+    if currency not in CURRENCIES:
+        raise ValueError(f"unknown currency {currency!r}")
+
+
+class InventoryRestocked(_Data):
+    sku: Sku
+    quantity: Quantity
+
+
+class LineItem(_Data):
+    sku: Sku
+    quantity: Quantity
+    unit_price: Money
+
+
+class OrderCreated(_Data):
+    customer_id: Identifier
+    currency: Currency
+    items: Annotated[list[LineItem], Field(min_length=1, max_length=100)]
+
+    @model_validator(mode="after")
+    def _check(self) -> OrderCreated:
+        _known_currency(self.currency)
+        return self
+
+    @property
+    def total(self) -> Decimal:
+        return sum((i.unit_price * i.quantity for i in self.items), Decimal("0.00"))
+
+
+class OrderPaid(_Data):
+    payment_id: Identifier
+    amount: Annotated[Money, Field(gt=0)]
+    currency: Currency
+
+    @model_validator(mode="after")
+    def _check(self) -> OrderPaid:
+        _known_currency(self.currency)
+        return self
+
+
+class OrderCancelled(_Data):
+    reason: ShortText
+
+
+class OrderShipped(_Data):
+    shipment_id: Identifier
+
+
+class OrderRefunded(_Data):
+    refund_id: Identifier
+    amount: Annotated[Money, Field(gt=0)]
+    currency: Currency
+
+    @model_validator(mode="after")
+    def _check(self) -> OrderRefunded:
+        _known_currency(self.currency)
+        return self
+
+
+class _Envelope(BaseModel):
+    """CloudEvents context attributes shared by every event type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    specversion: Literal["1.0"]
+    id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[ -~]+$")]
+    source: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[!-~]+$")]
+    subject: Identifier | None = None
+    time: AwareDatetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    dataschema: Annotated[str, StringConstraints(max_length=512)] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The deduplication identity: (source, id)."""
+        return (self.source, self.id)
+
+
+class _OrderEnvelope(_Envelope):
+    subject: Identifier  # the order id
+
+    @property
+    def order_id(self) -> str:
+        return self.subject
+
+
+class InventoryRestockedEvent(_Envelope):
+    type: Literal["inventory.restocked"]
+    data: InventoryRestocked
+
+
+class OrderCreatedEvent(_OrderEnvelope):
+    type: Literal["order.created"]
+    idempotencykey: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    data: OrderCreated
+
+
+class OrderPaidEvent(_OrderEnvelope):
+    type: Literal["order.paid"]
+    data: OrderPaid
+
+
+class OrderCancelledEvent(_OrderEnvelope):
+    type: Literal["order.cancelled"]
+    data: OrderCancelled
+
+
+class OrderShippedEvent(_OrderEnvelope):
+    type: Literal["order.shipped"]
+    data: OrderShipped
+
+
+class OrderRefundedEvent(_OrderEnvelope):
+    type: Literal["order.refunded"]
+    data: OrderRefunded
+
+
+OrderEvent = (
+    OrderCreatedEvent
+    | OrderPaidEvent
+    | OrderCancelledEvent
+    | OrderShippedEvent
+    | (OrderRefundedEvent)
+)
+CloudEvent = Annotated[InventoryRestockedEvent | OrderEvent, Field(discriminator="type")]
+CLOUD_EVENT: TypeAdapter[CloudEvent] = TypeAdapter(CloudEvent)

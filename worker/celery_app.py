@@ -1,0 +1,83 @@
+"""The Celery side of the worker: one task that hands each message to the exactly-once protocol.
+
+A message ends in exactly one of two ways: its outcome is committed and the task returns (Celery
+acks), or it is handed back to the broker for later (``self.retry`` publishes a delayed copy
+before the ack; ``Reject(requeue=True)`` when even that cannot be sent). No path acks a
+message whose outcome is not durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject, Retry
+
+from orderonce.broker import TASK_NAME, check_celery_safety, make_celery
+from orderonce.config import resolve, settings
+from worker import dead_letters, exactly_once
+from worker.db import is_transient
+from worker.errors import LockBusy, NotYetApplicable
+from worker.runtime import runtime
+
+log = logging.getLogger(__name__)
+
+app = make_celery(resolve().broker_url, settings())
+check_celery_safety(app.conf, settings())
+
+
+def _backoff(base: float, retries: int, cap: float) -> float:
+    # Full jitter: many workers retrying the same thing must not do it in lockstep.
+    return random.uniform(base / 2, min(cap, base * 2**retries))
+
+
+def _later(task: Task, countdown: float) -> Retry:
+    try:
+        return task.retry(countdown=countdown, max_retries=None)  # type: ignore[no-any-return]
+    except Retry as retry:
+        return retry
+    except Exception as exc:  # the broker refused the delayed copy: keep the original instead
+        log.warning("could not schedule a retry (%s); requeueing the message", exc)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+def process_event(self: Task, body: str) -> dict[str, Any]:
+    rt = runtime()
+    s = rt.settings
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    retries = self.request.retries or 0
+    try:
+        outcome = exactly_once.process(
+            raw,
+            engine=rt.engine,
+            locks=rt.locks,
+            max_body_bytes=s.max_body_bytes,
+            db_attempts=s.db_retry_attempts,
+        )
+    except LockBusy:
+        raise _later(self, _backoff(s.lock_busy_countdown_s, 1, s.lock_busy_countdown_s * 2))
+    except NotYetApplicable as early:
+        if retries >= s.too_early_max_retries:
+            dead_letters.record_now(
+                rt.engine, raw, "parked", f"{early.reason} after {retries} retries",
+                event_id=early.event_id, subject=early.order_id,
+            )
+            return {"outcome": "dead_lettered", "reason": f"parked: {early.reason}"}
+        raise _later(self, _backoff(s.too_early_backoff_s, retries, s.too_early_backoff_max_s))
+    except Exception as exc:
+        if is_transient(exc):
+            log.warning("database unavailable, retrying later: %s", exc)
+            raise _later(self, _backoff(0.5, retries, 30.0)) from exc
+        # A bug or a poison message: a bounded number of tries, then a dead letter. Failing the
+        # task instead would let Celery ack it, and the event would be gone without a trace.
+        if retries >= s.poison_max_retries:
+            dead_letters.record_now(
+                rt.engine, raw, "poison", f"{type(exc).__name__}: {exc} ({retries} retries)"
+            )
+            return {"outcome": "dead_lettered", "reason": "poison"}
+        log.exception("event failed, will retry (%d of %d)", retries, s.poison_max_retries)
+        raise _later(self, _backoff(1.0, retries, 60.0)) from exc
+    return {"outcome": outcome.kind, "reason": outcome.reason, "event_id": outcome.event_id}

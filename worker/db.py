@@ -1,0 +1,42 @@
+"""Database engine for a worker process: pooled psycopg 3 connections with protective timeouts."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError
+
+from orderonce.config import Settings
+
+# SQLSTATEs worth another try of the whole transaction: the outcome is either known to be
+# rolled back (serialization failure, deadlock, lock timeout, query canceled) or settled by the
+# retry itself (connection lost, maybe during COMMIT: the retried insert of the processed row
+# conflicts if that COMMIT had in fact landed).
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "25P03"}
+
+
+def make_engine(url: str, settings: Settings) -> Engine:
+    options = (
+        f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms}"
+        f" -c statement_timeout={settings.statement_timeout_ms}"
+        " -c application_name=orderonce"
+    )
+    return create_engine(
+        url,
+        pool_size=2,
+        max_overflow=2,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"options": options, "connect_timeout": 5},
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        # No SQLSTATE: the driver never got an answer (connection refused, reset, closed).
+        return True
+    return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")

@@ -1,0 +1,68 @@
+"""The Redis claim on an event: ``SET NX PX`` with a unique token, released only by its owner.
+
+The lock is an optimisation, not the guarantee: it keeps two workers from doing the same work at
+the same time. If Redis is unreachable, or a lock expires under a paused holder, two workers may
+run one event and the processed-messages primary key lets exactly one of them commit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
+
+from worker.errors import LockBusy
+
+log = logging.getLogger(__name__)
+
+
+def lock_name(source: str, event_id: str) -> str:
+    # Length-prefixed so ("a:b", "c") and ("a", "b:c") can never share a key.
+    return f"orderonce:lock:{len(source)}:{source}:{event_id}"
+
+
+class EventLocks:
+    def __init__(self, client: redis.Redis, ttl_ms: int) -> None:
+        self._client = client
+        self._ttl_s = ttl_ms / 1000
+
+    def acquire(self, source: str, event_id: str, order_id: str | None) -> Lock | None:
+        """The held lock; None when Redis is unreachable (the database alone decides then).
+
+        Raises LockBusy when another worker holds it: the caller retries later and never skips,
+        because the holder may still crash before committing.
+        """
+        lock = self._client.lock(
+            lock_name(source, event_id), timeout=self._ttl_s, blocking=False, thread_local=False
+        )
+        try:
+            acquired = lock.acquire(blocking=False)
+        except redis.RedisError as exc:
+            log.warning(
+                "redis unavailable, relying on the database guarantee alone: %s",
+                exc,
+                extra={"event_id": event_id, "order_id": order_id},
+            )
+            return None
+        if not acquired:
+            raise LockBusy("event lock held by another worker", event_id=event_id,
+                           order_id=order_id)
+        return lock
+
+    def release(self, lock: Lock | None, event_id: str, order_id: str | None) -> None:
+        if lock is None:
+            return
+        try:
+            # redis-py compares the token and deletes in one Lua script: a lock that expired and
+            # was taken by another worker is left alone.
+            lock.release()
+        except LockNotOwnedError:
+            log.warning(
+                "event lock expired before release; the new holder's lock was left alone",
+                extra={"event_id": event_id, "order_id": order_id},
+            )
+        except (LockError, redis.RedisError) as exc:
+            log.warning("could not release event lock (it will expire): %s", exc,
+                        extra={"event_id": event_id, "order_id": order_id})

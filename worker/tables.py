@@ -1,0 +1,152 @@
+"""The database schema (SQLAlchemy Core). Alembic migrations create it; this is what code queries.
+
+Every effect row carries the (source, id) of the event that caused it and is unique per event
+and leg/kind: even a bug that ran an event's effects twice could not store them twice.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "pk": "pk_%(table_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    }
+)
+
+MONEY = Numeric(14, 2)
+
+processed_messages = Table(
+    "processed_messages",
+    metadata,
+    # The exactly-once authority: one row per (source, id), inserted in the same transaction
+    # as the event's effects. A second insert of the same key conflicts, whatever Redis says.
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("subject", Text),
+    Column("payload_hash", Text, nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("reason", Text),
+    # Deliveries of this event after the one that took effect (redeliveries, producer retries).
+    Column("duplicates", Integer, nullable=False, server_default="0"),
+    Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("source", "event_id"),
+    CheckConstraint("outcome IN ('applied', 'rejected')", name="outcome"),
+    Index("ix_processed_messages_subject", "subject"),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", Text, primary_key=True),
+    Column("customer_id", Text, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("total", MONEY, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("status_reason", Text),
+    Column("version", Integer, nullable=False, server_default="1"),
+    Column("created_by_source", Text, nullable=False),
+    Column("created_by_event", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "status IN ('created', 'paid', 'shipped', 'cancelled', 'refunded', 'rejected')",
+        name="status",
+    ),
+)
+
+order_lines = Table(
+    "order_lines",
+    metadata,
+    Column("order_id", Text, ForeignKey("orders.order_id"), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("sku", Text, nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("unit_price", MONEY, nullable=False),
+    PrimaryKeyConstraint("order_id", "line_no"),
+    CheckConstraint("quantity > 0", name="quantity"),
+)
+
+inventory = Table(
+    "inventory",
+    metadata,
+    Column("sku", Text, primary_key=True),
+    Column("on_hand", BigInteger, nullable=False, server_default="0"),
+    Column("reserved", BigInteger, nullable=False, server_default="0"),
+    CheckConstraint("reserved >= 0 AND on_hand >= reserved", name="stock"),
+)
+
+inventory_movements = Table(
+    "inventory_movements",
+    metadata,
+    Column("movement_id", BigInteger, primary_key=True, autoincrement=True),
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("sku", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("order_id", Text),
+    Column("on_hand_delta", BigInteger, nullable=False),
+    Column("reserved_delta", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("source", "event_id", "sku", "kind"),
+    CheckConstraint("kind IN ('restock', 'reserve', 'release', 'ship')", name="kind"),
+)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    # Double entry: the legs of one event sum to zero (debits positive, credits negative).
+    Column("entry_id", BigInteger, primary_key=True, autoincrement=True),
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("leg", Text, nullable=False),
+    Column("order_id", Text, nullable=False),
+    Column("account", Text, nullable=False),
+    Column("amount", MONEY, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("source", "event_id", "leg"),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    # Input that could not be applied, with why. One row per distinct body and reason; a body
+    # seen again bumps `attempts` and `last_seen` instead of piling up copies.
+    Column("dead_letter_id", BigInteger, primary_key=True, autoincrement=True),
+    Column("body_sha256", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("source", Text),
+    Column("event_id", Text),
+    Column("event_type", Text),
+    Column("subject", Text),
+    Column("body", Text, nullable=False),
+    Column("body_size", Integer, nullable=False),
+    Column("body_truncated", Integer, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="1"),
+    Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("status", Text, nullable=False, server_default="open"),
+    UniqueConstraint("body_sha256", "reason"),
+)
