@@ -1,0 +1,3 @@
+from orderonce.cli import app
+
+app()
