@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     task_time_limit_s: float = 30.0
     lock_ttl_ms: int = 40_000
     visibility_timeout_s: int = 90
+    restore_interval_s: int = 5
     # A session left idle inside a transaction (its worker paused or wedged) would hold the
     # processed-messages row and block the worker taking over; PostgreSQL ends it after this.
     idle_in_transaction_timeout_ms: int = 10_000

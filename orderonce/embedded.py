@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import psycopg
 import redis
@@ -70,6 +70,12 @@ STOP_TIMEOUT_S = 30.0
 LOCK_TIMEOUT_S = 3 * START_TIMEOUT_S
 _POLL_S = 0.05
 _PORT_ATTEMPTS = 5
+# Signals of the postmaster's shutdown modes (what pg_ctl -m sends).
+_PG_STOP_SIGNALS: Final = {
+    "smart": signal.SIGTERM,
+    "fast": signal.SIGINT,
+    "immediate": signal.SIGQUIT,
+}
 
 _PG_CONF = """
 # --- orderonce embedded defaults ---
@@ -203,8 +209,6 @@ class PrivateRedis:
 class PrivatePostgres:
     """A throwaway PostgreSQL cluster (database ``orderonce`` created), for crash tests."""
 
-    _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
-
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self._root = _prepare_dir(workdir) / "postgres"
         self._data = self._root / "data"
@@ -226,6 +230,7 @@ class PrivatePostgres:
         if self._proc is not None and self._proc.poll() is None:
             return
         account = _pg_account(self._root)
+        _pg_log(self._root, account)
         _initdb(self._data, self._log, account, private=True)
         for attempt in range(_PORT_ATTEMPTS):
             proc, in_use = self._spawn(account)
@@ -244,9 +249,9 @@ class PrivatePostgres:
         """Stop the server: "immediate" is a crash as far as the data is concerned (recovery runs
         on the next start), "fast" a clean shutdown that aborts sessions, "smart" waits for them.
         """
-        sig = self._STOP_SIGNALS.get(mode)
+        sig = _PG_STOP_SIGNALS.get(mode)
         if sig is None:
-            raise ValueError(f"mode must be one of {sorted(self._STOP_SIGNALS)}, not {mode!r}")
+            raise ValueError(f"mode must be one of {sorted(_PG_STOP_SIGNALS)}, not {mode!r}")
         if self._proc is not None:
             _kill_child(self._proc, sig)
             self._proc = None
@@ -281,9 +286,9 @@ class PrivatePostgres:
                 start_new_session=True,
                 **_account_kwargs(account),
             )
-        _track_child(proc)
+        _track_child(proc, private=True)
         try:
-            _wait_postgres(self._port, self._log, alive=lambda: proc.poll() is None)
+            _wait_postgres(self._port, self._data, self._log, alive=lambda: proc.poll() is None)
         except EmbeddedServerError:
             _kill_child(proc, signal.SIGQUIT)
             if _ADDR_IN_USE in _log_since(self._log, offset):
@@ -305,15 +310,11 @@ class _Account:
 def _ensure_postgres(root: Path, recorded: dict[str, Any]) -> tuple[int, int]:
     account = _pg_account(root)
     data = root / "data"
-    log = root / "postgres.log"
+    log = _pg_log(root, account)
     _initdb(data, log, account, private=False)
 
-    running = _postmaster(data)
-    if running is not None:
-        pid, port = running
-        _wait_postgres(port, log, alive=lambda: _runs_in(pid, data))
-        _create_database(port)
-        return pid, port
+    if _postmaster(data) is not None:
+        return _postgres_ready(data, log)
 
     # A postmaster.pid left by a crash names a pid that may now belong to an unrelated process;
     # postgres would then refuse to start, so remove it (we checked nothing runs on this data).
@@ -328,12 +329,8 @@ def _ensure_postgres(root: Path, recorded: dict[str, Any]) -> tuple[int, int]:
             "pg_ctl", "start", "--wait", f"--timeout={int(START_TIMEOUT_S)}",
             "-D", str(data), "-l", str(log), "-o", f"-p {port}",
         )  # fmt: skip
-        running = _postmaster(data)
-        if result.returncode == 0 and running is not None:
-            pid, port = running
-            _wait_postgres(port, log, alive=lambda: _runs_in(pid, data))
-            _create_database(port)
-            return pid, port
+        if result.returncode == 0 and _postmaster(data) is not None:
+            return _postgres_ready(data, log)
         if _ADDR_IN_USE not in _log_since(log, offset) or attempt == _PORT_ATTEMPTS - 1:
             raise EmbeddedServerError(
                 f"PostgreSQL did not start (pg_ctl exit {result.returncode}): "
@@ -342,6 +339,25 @@ def _ensure_postgres(root: Path, recorded: dict[str, Any]) -> tuple[int, int]:
             )
         port = _free_port()
     raise AssertionError("unreachable")
+
+
+def _postgres_ready(data: Path, log: Path) -> tuple[int, int]:
+    running = _postmaster(data)
+    if running is None:
+        raise EmbeddedServerError(f"postgres on {data} stopped unexpectedly", log)
+    pid, port = running
+    _wait_postgres(port, data, log, alive=lambda: _runs_in(pid, data))
+    _create_database(port)
+    return pid, port
+
+
+def _pg_log(root: Path, account: _Account | None) -> Path:
+    # pg_ctl opens the log as the server's account, so that account must own it.
+    log = root / "postgres.log"
+    log.touch()
+    if account is not None:
+        os.chown(log, account.uid, account.gid)
+    return log
 
 
 def _stop_postgres(root: Path) -> bool:
@@ -386,9 +402,9 @@ def _initdb(data: Path, log: Path, account: _Account | None, *, private: bool) -
     if private:
         args.append("--no-sync")
     result = _run_pg(account, *args)
-    with open(log, "a") as out:
-        out.write(result.stdout)
     if result.returncode != 0:
+        with open(log, "a") as out:
+            out.write(result.stdout)
         raise EmbeddedServerError(f"initdb failed (exit {result.returncode})", log)
     with open(scratch / "postgresql.conf", "a") as conf:
         conf.write(_PG_CONF + (_PG_CONF_PRIVATE if private else ""))
@@ -487,14 +503,18 @@ def _pg_env() -> dict[str, str]:
     return env
 
 
-def _wait_postgres(port: int, log: Path, *, alive: Callable[[], bool]) -> None:
+def _wait_postgres(port: int, data: Path, log: Path, *, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    last_error: Exception | None = None
+    last_error: object = None
     while True:
         try:
-            with psycopg.connect(_pg_dsn(port, "postgres"), connect_timeout=2):
-                return
-        except psycopg.OperationalError as exc:
+            with psycopg.connect(_pg_dsn(port, "postgres"), connect_timeout=2) as conn:
+                # Another server on that port would answer while ours fails to bind.
+                row = conn.execute("SHOW data_directory").fetchone()
+                if row is not None and Path(row[0]) == data:
+                    return
+                last_error = f"port {port} is served by another cluster ({row})"
+        except psycopg.Error as exc:
             last_error = exc
         if not alive():
             raise EmbeddedServerError(f"postgres on port {port} exited during startup", log)
@@ -509,9 +529,7 @@ def _wait_postgres(port: int, log: Path, *, alive: Callable[[], bool]) -> None:
 def _create_database(port: int) -> None:
     # Our callers hold the state lock or own a private cluster, so there is no creation race.
     with psycopg.connect(_pg_dsn(port, "postgres"), autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)
-        ).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone()
         if exists is None:
             conn.execute(f"CREATE DATABASE {DB_NAME}")
 
@@ -539,6 +557,7 @@ def _ensure_redis(directory: Path, recorded: dict[str, Any]) -> tuple[int, int]:
     port = recorded.get("port")
     if pid is not None:
         if isinstance(port, int) and _redis_process_id(port) == pid:
+            _wait_redis(port, pid, log, alive=lambda: _runs_in(pid, directory))
             return pid, port
         # Alive on our data but at an unknown port (servers.json lost or edited): nobody can
         # reach it, and a second server on the same append-only file would corrupt it.
@@ -588,9 +607,9 @@ def _start_redis(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    _track_child(proc)
+    _track_child(proc, private=not persistent)
     try:
-        _wait_redis(port, log, alive=lambda: proc.poll() is None)
+        _wait_redis(port, proc.pid, log, alive=lambda: proc.poll() is None)
     except EmbeddedServerError:
         _kill_child(proc, signal.SIGKILL)
         if _ADDR_IN_USE in _log_since(log, offset):
@@ -599,16 +618,19 @@ def _start_redis(
     return proc, False
 
 
-def _wait_redis(port: int, log: Path, *, alive: Callable[[], bool]) -> None:
+def _wait_redis(port: int, pid: int, log: Path, *, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    last_error: Exception | None = None
+    last_error: object = None
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=2)
     try:
         while True:
             try:
-                # PING fails with LOADING while the append-only file is replayed.
-                if client.ping():
+                # Another server on that port would answer while ours fails to bind; and PING
+                # (unlike INFO) fails with LOADING while the append-only file is replayed.
+                answering = int(client.info("server")["process_id"])
+                if answering == pid and client.ping():
                     return
+                last_error = f"port {port} is served by another process (pid {answering})"
             except redis.RedisError as exc:
                 last_error = exc
             if not alive():
@@ -664,12 +686,15 @@ def _redis_url(port: int) -> str:
 
 _ADDR_IN_USE = "Address already in use"
 # Servers started by this process: kept so that we can reap them (no zombies in a long test
-# session) and kill private ones if the test run ends without stopping them.
+# session) and kill the private ones if the test run ends without stopping them.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+_private_children: set[int] = set()
 
 
-def _track_child(proc: subprocess.Popen[bytes]) -> None:
+def _track_child(proc: subprocess.Popen[bytes], *, private: bool) -> None:
     _children[proc.pid] = proc
+    if private:
+        _private_children.add(proc.pid)
 
 
 def _kill_child(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -681,6 +706,7 @@ def _kill_child(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
             proc.kill()
             proc.wait()
     _children.pop(proc.pid, None)
+    _private_children.discard(proc.pid)
 
 
 def _terminate(pid: int, cwd: Path) -> None:
@@ -705,14 +731,8 @@ def _terminate(pid: int, cwd: Path) -> None:
 @atexit.register
 def _kill_private_children() -> None:
     # Only private test servers are meant to die with us; embedded ones outlive the command.
-    for proc in list(_children.values()):
-        if proc.poll() is None and _is_private(proc):
-            _kill_child(proc, signal.SIGKILL)
-
-
-def _is_private(proc: subprocess.Popen[bytes]) -> bool:
-    args = proc.args
-    return isinstance(args, list) and ("--appendonly" not in args or "no" in args)
+    for pid in list(_private_children):
+        _kill_child(_children[pid], signal.SIGKILL)
 
 
 def _runs_in(pid: int, directory: Path) -> bool:

@@ -101,7 +101,7 @@ def _db_retrying(attempts: int) -> Retrying:
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
         reraise=True,
     )
 

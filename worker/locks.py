@@ -10,12 +10,22 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
+from redis.retry import Retry
 
 from worker.errors import LockBusy
 
 log = logging.getLogger(__name__)
+
+
+def lock_client(url: str) -> redis.Redis:
+    """A client that gives up fast: with Redis down, each event should fall back to the
+    database guarantee in a millisecond, not after redis-py's default retries (seconds)."""
+    return redis.Redis.from_url(
+        url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1)
+    )
 
 
 def lock_name(source: str, event_id: str) -> str:

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from orderonce.config import Settings, resolve, settings
 from worker.db import make_engine
-from worker.locks import EventLocks
+from worker.locks import EventLocks, lock_client
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,7 @@ def runtime() -> Runtime:
     if _runtime is None or _runtime[0] != os.getpid():
         s = settings()
         urls = resolve()
-        # Short timeouts: with Redis gone, each event should fall back to the database
-        # guarantee in milliseconds, not hang.
-        client = redis.Redis.from_url(
-            urls.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
-        )
+        client = lock_client(urls.redis_url)
         rt = Runtime(s, make_engine(urls.database_url, s), client, EventLocks(client, s.lock_ttl_ms))
         _runtime = (os.getpid(), rt)
     return _runtime[1]

@@ -1,0 +1,110 @@
+"""Write the JSON Schema files in ``schemas/json/`` from the pydantic models.
+
+The pydantic models in ``schemas.events`` are the source of truth; these files are for producers
+written in other languages. Output is deterministic (sorted keys, two-space indent, one trailing
+newline), so a test can tell when the committed files have gone stale::
+
+    python -m schemas.generate
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import BaseModel
+
+from schemas.events import (
+    CLOUD_EVENT,
+    InventoryRestockedEvent,
+    OrderCancelledEvent,
+    OrderCreatedEvent,
+    OrderPaidEvent,
+    OrderRefundedEvent,
+    OrderShippedEvent,
+)
+
+JSON_DIR = Path(__file__).resolve().parent / "json"
+UNION_FILE = "cloudevent.schema.json"
+SUFFIX = ".schema.json"
+
+ENVELOPES: tuple[type[BaseModel], ...] = (
+    InventoryRestockedEvent,
+    OrderCreatedEvent,
+    OrderPaidEvent,
+    OrderCancelledEvent,
+    OrderShippedEvent,
+    OrderRefundedEvent,
+)
+
+
+def _event_type(envelope: type[BaseModel]) -> str:
+    """The CloudEvents ``type`` an envelope class accepts (its ``type`` field's one literal)."""
+    annotation = envelope.model_fields["type"].annotation
+    values = get_args(annotation)
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise TypeError(f"{envelope.__name__}.type is not a single string literal")
+    return values[0]
+
+
+def _dump(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def render() -> dict[str, str]:
+    """File name → file text, for every schema file that belongs in ``schemas/json/``."""
+    files = {UNION_FILE: _dump(CLOUD_EVENT.json_schema())}
+    for envelope in ENVELOPES:
+        files[_event_type(envelope) + SUFFIX] = _dump(envelope.model_json_schema())
+    return dict(sorted(files.items()))
+
+
+def write(directory: Path = JSON_DIR) -> list[Path]:
+    """Write every rendered file (only those whose text changed) and return all their paths.
+
+    ``.json`` files that ``render()`` no longer produces are removed, so the directory ends up
+    holding exactly the generated set (other files, a README say, are left alone).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rendered = render()
+    paths = []
+    for name, text in rendered.items():
+        path = directory / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8", newline="\n")
+        paths.append(path)
+    for path in directory.glob("*.json"):
+        if path.name not in rendered:
+            path.unlink()
+    return paths
+
+
+def stale(directory: Path = JSON_DIR) -> list[str]:
+    """Names of files that are missing, differ from ``render()``, or should not be there.
+
+    "Should not be there" means a ``.json`` file that ``render()`` does not produce; ``write()``
+    removes exactly those, so running it always leaves nothing stale.
+    """
+    rendered = render()
+    problems = []
+    for name, text in rendered.items():
+        path = directory / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            problems.append(name)
+    if directory.is_dir():
+        problems.extend(
+            p.name for p in directory.glob("*.json") if p.is_file() and p.name not in rendered
+        )
+    return sorted(problems)
+
+
+def main() -> int:
+    for path in write():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

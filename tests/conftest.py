@@ -1,0 +1,80 @@
+"""Session-wide servers and a fresh database; per-test cleanup; real worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import Engine, text
+
+from orderonce.config import Settings
+from tests.servers import (
+    ServerUrls,
+    empty_redis_db,
+    fast_timings,
+    fresh_database,
+    session_servers,
+)
+from tests.workers import WorkerFactory
+from worker.db import make_engine
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerUrls]:
+    state_dir = tmp_path_factory.mktemp("embedded")
+    with session_servers(
+        os.environ.get("ORDERONCE_DATABASE_URL"), os.environ.get("ORDERONCE_REDIS_URL"), state_dir
+    ) as found:
+        with fresh_database(found.database_url) as db_url, empty_redis_db(found.redis_url) as r:
+            yield ServerUrls(db_url, r)
+
+
+@pytest.fixture(scope="session")
+def worker_env(servers: ServerUrls) -> dict[str, str]:
+    """The environment every worker and publisher of this session runs with."""
+    return {
+        "ORDERONCE_DATABASE_URL": servers.database_url,
+        "ORDERONCE_REDIS_URL": servers.redis_url,
+        "ORDERONCE_BROKER_URL": servers.redis_url,
+        "ORDERONCE_QUEUE": f"orderonce.test.{os.getpid()}",
+        **fast_timings(),
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(worker_env: dict[str, str]) -> Settings:
+    values = {k.removeprefix("ORDERONCE_").lower(): v for k, v in worker_env.items()}
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def engine(servers: ServerUrls, settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(servers.database_url, settings)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db(engine: Engine, servers: ServerUrls) -> Engine:
+    """The session database, emptied before the test; the test's Redis db, flushed."""
+    with engine.begin() as conn:
+        tables = conn.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                 " AND tablename <> 'alembic_version'")
+        ).scalars().all()
+        conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
+    client = redis.Redis.from_url(servers.redis_url)
+    client.flushdb()
+    client.set("orderonce:test:claimed", "1")
+    client.close()
+    return engine
+
+
+@pytest.fixture
+def workers(worker_env: dict[str, str], tmp_path: Path) -> Iterator[WorkerFactory]:
+    factory = WorkerFactory(worker_env, tmp_path)
+    yield factory
+    factory.stop_all()
