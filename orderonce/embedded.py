@@ -70,11 +70,12 @@ STOP_TIMEOUT_S = 30.0
 LOCK_TIMEOUT_S = 3 * START_TIMEOUT_S
 _POLL_S = 0.05
 _PORT_ATTEMPTS = 5
-# Signals of the postmaster's shutdown modes (what pg_ctl -m sends).
+# Signals of the postmaster's shutdown modes (what pg_ctl -m sends), plus a plain kill.
 _PG_STOP_SIGNALS: Final = {
     "smart": signal.SIGTERM,
     "fast": signal.SIGINT,
     "immediate": signal.SIGQUIT,
+    "kill": signal.SIGKILL,
 }
 
 _PG_CONF = """
@@ -232,6 +233,9 @@ class PrivatePostgres:
         account = _pg_account(self._root)
         _pg_log(self._root, account)
         _initdb(self._data, self._log, account, private=True)
+        # After a "kill", backends may outlive the postmaster for a moment; postgres would refuse
+        # to start while they still hold the old shared memory.
+        _wait_until_vacated(self._data, self._log)
         for attempt in range(_PORT_ATTEMPTS):
             proc, in_use = self._spawn(account)
             if proc is not None:
@@ -246,8 +250,11 @@ class PrivatePostgres:
         raise EmbeddedServerError(f"postgres did not start on port {self._port}", self._log)
 
     def stop(self, mode: str = "immediate") -> None:
-        """Stop the server: "immediate" is a crash as far as the data is concerned (recovery runs
-        on the next start), "fast" a clean shutdown that aborts sessions, "smart" waits for them.
+        """Stop the server and wait for it to be gone.
+
+        "immediate" is a crash as far as the data is concerned (recovery runs on the next start),
+        "kill" SIGKILLs the postmaster alone, as the OOM killer would; "fast" is a clean shutdown
+        that aborts sessions, "smart" one that waits for them to end.
         """
         sig = _PG_STOP_SIGNALS.get(mode)
         if sig is None:
@@ -314,10 +321,19 @@ def _ensure_postgres(root: Path, recorded: dict[str, Any]) -> tuple[int, int]:
     _initdb(data, log, account, private=False)
 
     if _postmaster(data) is not None:
-        return _postgres_ready(data, log)
+        try:
+            return _postgres_ready(data, log)
+        except EmbeddedServerError:
+            if _postmaster(data) is not None:
+                raise
+            # It died while we looked (killed, crashed): start it afresh below.
 
-    # A postmaster.pid left by a crash names a pid that may now belong to an unrelated process;
-    # postgres would then refuse to start, so remove it (we checked nothing runs on this data).
+    # Backends outliving a killed postmaster still use the old shared memory; a new postmaster
+    # must not start under them. They notice their orphaning and exit soon.
+    _wait_until_vacated(data, log)
+    # postmaster.pid left by a crash names a pid that may now belong to an unrelated process
+    # (pids repeat after a container restart); postgres would then refuse to start. Nothing
+    # runs on this data any more, so the file protects nothing.
     with contextlib.suppress(FileNotFoundError):
         (data / "postmaster.pid").unlink()
 
@@ -408,7 +424,10 @@ def _initdb(data: Path, log: Path, account: _Account | None, *, private: bool) -
         raise EmbeddedServerError(f"initdb failed (exit {result.returncode})", log)
     with open(scratch / "postgresql.conf", "a") as conf:
         conf.write(_PG_CONF + (_PG_CONF_PRIVATE if private else ""))
-    scratch.rename(data)
+    try:
+        scratch.rename(data)
+    except OSError as exc:
+        raise EmbeddedServerError(f"cannot use {data} as a data directory: {exc}") from exc
 
 
 def _run_pg(account: _Account | None, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -555,10 +574,15 @@ def _ensure_redis(directory: Path, recorded: dict[str, Any]) -> tuple[int, int]:
     log = directory / "redis.log"
     pid = _redis_pid(directory)
     port = recorded.get("port")
-    if pid is not None:
-        if isinstance(port, int) and _redis_process_id(port) == pid:
+    if pid is not None and isinstance(port, int) and _redis_process_id(port) == pid:
+        try:
             _wait_redis(port, pid, log, alive=lambda: _runs_in(pid, directory))
             return pid, port
+        except EmbeddedServerError:
+            if _redis_pid(directory) == pid:
+                raise
+            # It died while we looked: start it afresh below.
+    elif pid is not None:
         # Alive on our data but at an unknown port (servers.json lost or edited): nobody can
         # reach it, and a second server on the same append-only file would corrupt it.
         _terminate(pid, directory)
@@ -649,18 +673,10 @@ def _wait_redis(port: int, pid: int, log: Path, *, alive: Callable[[], bool]) ->
 def _redis_process_id(port: int) -> int | None:
     """The pid of the Redis answering on this port, to tell ours from a stranger."""
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=5)
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while True:
-            try:
-                info = client.info("server")
-                return int(info["process_id"])
-            except redis.BusyLoadingError:
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(_POLL_S)
-            except (redis.RedisError, KeyError, ValueError):
-                return None
+        return int(client.info("server")["process_id"])  # INFO is served even while loading
+    except (redis.RedisError, KeyError, ValueError):
+        return None
     finally:
         client.close()
 
@@ -689,6 +705,16 @@ _ADDR_IN_USE = "Address already in use"
 # session) and kill the private ones if the test run ends without stopping them.
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _private_children: set[int] = set()
+
+
+def _forget_children() -> None:
+    # A forked child (a Celery prefork worker, say) is not their parent: it could neither wait()
+    # for them (Popen would then report them dead without signalling) nor own their lifetime.
+    _children.clear()
+    _private_children.clear()
+
+
+os.register_at_fork(after_in_child=_forget_children)
 
 
 def _track_child(proc: subprocess.Popen[bytes], *, private: bool) -> None:
@@ -732,7 +758,9 @@ def _terminate(pid: int, cwd: Path) -> None:
 def _kill_private_children() -> None:
     # Only private test servers are meant to die with us; embedded ones outlive the command.
     for pid in list(_private_children):
-        _kill_child(_children[pid], signal.SIGKILL)
+        proc = _children.get(pid)
+        if proc is not None:
+            _kill_child(proc, signal.SIGKILL)
 
 
 def _runs_in(pid: int, directory: Path) -> bool:
@@ -748,6 +776,24 @@ def _runs_in(pid: int, directory: Path) -> bool:
         return Path(os.readlink(f"/proc/{pid}/cwd")) == directory
     except (OSError, IndexError):
         return False
+
+
+def _processes_in(directory: Path) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _runs_in(int(entry.name), directory):
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_until_vacated(directory: Path, log: Path) -> None:
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while pids := _processes_in(directory):
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(
+                f"processes {pids} of an earlier server still run in {directory}; stop them", log
+            )
+        time.sleep(_POLL_S)
 
 
 def _free_port() -> int:

@@ -60,7 +60,7 @@ class Publisher:
         self._retrying = Retrying(
             retry=retry_if_exception_type((KombuOperationalError, ConnectionError, OSError)),
             stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
             reraise=True,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,16 @@ class WorkerProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def outcomes(self, event_id: str) -> list[str]:
+        """The outcomes this worker logged for an event (from its JSON log lines)."""
+        found = []
+        for line in self.text().splitlines():
+            if line.startswith("{") and event_id in line:
+                entry = json.loads(line)
+                if entry.get("event_id") == event_id and "outcome" in entry:
+                    found.append(entry["outcome"])
+        return found
 
     def wait_ready(self, timeout: float = 30) -> None:
         wait_until(lambda: " ready." in self.text() or self.proc.poll() is not None,

@@ -232,6 +232,11 @@ def test_private_postgres_crash_and_restart(tmp_path: Path) -> None:
         with psycopg.connect(psycopg_dsn(server.url)) as conn:
             assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
 
+        server.stop("kill")  # the postmaster alone, as the OOM killer would
+        server.start()
+        with psycopg.connect(psycopg_dsn(server.url)) as conn:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+
         server.stop("fast")
         server.start()
         assert can_connect_postgres(server.url)

@@ -1,0 +1,193 @@
+"""Tests that try to break exactly-once with real Celery workers, real kills and real pauses.
+
+Each failpoint fires once across processes (a marker file), so the worker that takes over, or
+the same worker restarted, carries on normally and the test can watch the event settle.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import Engine, text
+
+from orderonce.config import Settings
+from orderonce.embedded import PrivateRedis
+from producers import Publisher
+from schemas import CloudEvent
+from tests import events
+from tests.servers import ServerUrls
+from tests.workers import WorkerFactory, wait_until
+from worker import reports
+from worker.locks import lock_name
+
+
+@pytest.fixture
+def publisher(servers: ServerUrls, settings: Settings) -> Publisher:
+    pub = Publisher(servers.redis_url, settings)
+    yield pub  # type: ignore[misc]
+    pub.close()
+
+
+def _count(db: Engine, sql: str, **params: object) -> int:
+    with db.connect() as conn:
+        return int(conn.execute(text(sql), params).scalar_one())
+
+
+def _settled(db: Engine, n: int) -> bool:
+    return _count(db, "SELECT count(*) FROM processed_messages") >= n
+
+
+def _assert_verified(db: Engine) -> None:
+    with db.connect() as conn:
+        failed = [c for c in reports.verify(conn) if not c.ok]
+    assert not failed, failed
+
+
+def _failpoint(tmp_path: Path, spec: str) -> dict[str, str]:
+    return {"ORDERONCE_FAILPOINTS": spec, "ORDERONCE_FAILPOINTS_ONCE_DIR": str(tmp_path)}
+
+
+def _fired(tmp_path: Path, name: str) -> bool:
+    return (tmp_path / f"{name}.fired").exists()
+
+
+def test_same_message_ten_times_to_several_workers(
+    db: Engine, workers: WorkerFactory, publisher: Publisher
+) -> None:
+    orders = [events.uid("ORD") for _ in range(20)]
+    stream: list[CloudEvent] = [events.restock("SKU-A", 1000)]
+    for order in orders:
+        stream += [events.created(order, [("SKU-A", 2, "5.00")]), events.paid(order, "10.00")]
+    workers.start(pool="prefork", concurrency=2)
+    workers.start(pool="prefork", concurrency=2)
+    copies = [e for e in stream for _ in range(10)]
+    random.Random(7).shuffle(copies)
+    publisher.publish(stream[0])  # stock first, so no order is rejected for want of it
+    wait_until(lambda: _settled(db, 1), 30, "the stock to arrive")
+    for event in copies:
+        publisher.publish(event)
+
+    wait_until(lambda: _settled(db, len(stream)) and _count(
+        db, "SELECT sum(duplicates) FROM processed_messages") == len(copies) + 1 - len(stream),
+        90, "every copy to be processed")
+    assert _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 20
+    assert _count(db, "SELECT count(*) FROM ledger_entries") == 40
+    assert _count(db, "SELECT reserved FROM inventory") == 40
+    _assert_verified(db)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"], ids=["pool-child", "main-process"])
+def test_killed_after_commit_before_ack_is_redelivered_as_duplicate(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, tmp_path: Path, pool: str
+) -> None:
+    worker = workers.start(pool=pool, **_failpoint(tmp_path, "after_commit=kill"))
+    event = events.restock("SKU-A", 7)
+    publisher.publish(event)
+    wait_until(lambda: _fired(tmp_path, "after_commit"), 30, "the kill after commit")
+    if pool == "solo":  # the whole worker died with its message unacked: start another
+        wait_until(lambda: worker.proc.poll() is not None, 10, "the worker to die")
+        workers.start(pool=pool)
+    wait_until(lambda: _count(db, "SELECT duplicates FROM processed_messages") >= 1, 60,
+               "the redelivered copy to be recognised as a duplicate")
+    assert _count(db, "SELECT on_hand FROM inventory") == 7
+    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
+    _assert_verified(db)
+
+
+def test_killed_mid_transaction_rolls_back_then_applies_once(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    workers.start(pool="prefork", **_failpoint(tmp_path, "before_commit=kill"))
+    event = events.restock("SKU-A", 3)
+    publisher.publish(event)
+    wait_until(lambda: _fired(tmp_path, "before_commit"), 30, "the kill before commit")
+    # Rolled back: no trace of the event, but its lock outlives the dead holder, and the
+    # requeued copy must wait for it to expire rather than ack and skip.
+    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    wait_until(lambda: _settled(db, 1), 60, "the requeued copy to apply")
+    assert _count(db, "SELECT on_hand FROM inventory") == 3
+    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
+    _assert_verified(db)
+
+
+def test_paused_past_lock_ttl_cannot_double_apply_or_free_the_new_lock(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, tmp_path: Path,
+    servers: ServerUrls, settings: Settings,
+) -> None:
+    paused = workers.start("paused", **_failpoint(tmp_path, "before_commit=stop"))
+    event = events.restock("SKU-A", 4)
+    publisher.publish(event)
+    wait_until(lambda: _fired(tmp_path, "before_commit"), 30, "the pause before commit")
+    # Effects done, transaction open, process stopped. Let its lock expire.
+    time.sleep(settings.lock_ttl_ms / 1000 + 0.5)
+
+    workers.start("takeover")
+    publisher.publish(event)  # a producer retry of the same event reaches the other worker
+    wait_until(lambda: _settled(db, 1), 30, "the other worker to apply the event")
+    assert _count(db, "SELECT on_hand FROM inventory") == 4
+
+    # Someone new holds the event's lock when the paused worker wakes up.
+    client = redis.Redis.from_url(servers.redis_url)
+    name = lock_name(event.source, event.id)
+    client.set(name, "new-holder", px=60_000)
+    paused.signal_group(signal.SIGCONT)
+    wait_until(lambda: paused.outcomes(event.id) == ["duplicate"], 30,
+               "the resumed worker to find the event done")
+    assert client.get(name) == b"new-holder"
+    assert _count(db, "SELECT on_hand FROM inventory") == 4
+    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
+    _assert_verified(db)
+
+
+def test_redis_lock_server_stopped_while_processing(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    locks_redis = PrivateRedis(tmp_path / "lock-redis")
+    locks_redis.start()
+    try:
+        for _ in range(2):
+            workers.start(pool="prefork", concurrency=2, ORDERONCE_REDIS_URL=locks_redis.url)
+        stream = [events.restock(f"SKU-{i % 5}", 2) for i in range(120)]
+        for i, event in enumerate(stream):
+            publisher.publish(event)
+            publisher.publish(event)
+            if i == 40:
+                locks_redis.stop()
+        wait_until(lambda: _settled(db, len(stream)), 90, "all events to settle without Redis")
+        wait_until(lambda: _count(db, "SELECT sum(duplicates) FROM processed_messages")
+                   == len(stream), 60, "every copy to be processed")
+    finally:
+        locks_redis.stop()
+    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(stream)
+    assert _count(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(stream)
+    assert any("relying on the database guarantee alone" in w.text() for w in workers.started)
+    _assert_verified(db)
+
+
+def test_events_of_one_order_out_of_order(
+    db: Engine, workers: WorkerFactory, publisher: Publisher
+) -> None:
+    workers.start(pool="prefork", concurrency=2)
+    publisher.publish(events.restock("SKU-A", 100))
+    time.sleep(0.5)
+    shipped_orders, cancelled_too_late = events.uid("ORD"), events.uid("ORD")
+    for order in (shipped_orders, cancelled_too_late):
+        # Published backwards: shipped before paid before created.
+        publisher.publish(events.shipped(order))
+        publisher.publish(events.paid(order, "30.00"))
+        publisher.publish(events.created(order, [("SKU-A", 3, "10.00")]))
+    wait_until(lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 2,
+               60, "both orders to reach shipped")
+    publisher.publish(events.cancelled(cancelled_too_late))
+    wait_until(lambda: _settled(db, 8), 30, "the late cancellation to be recorded")
+    reason = _count(db, "SELECT count(*) FROM processed_messages WHERE outcome = 'rejected'"
+                    " AND reason LIKE 'invalid_transition%'")
+    assert reason == 1
+    assert _count(db, "SELECT on_hand FROM inventory") == 94
+    assert _count(db, "SELECT reserved FROM inventory") == 0
+    _assert_verified(db)
