@@ -54,8 +54,15 @@ def worker(
     logs.configure(loglevel)
     from worker.celery_app import app as celery_app
 
-    argv = ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv = [
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     if name:
         argv.append(f"--hostname={name}")
     celery_app.worker_main(argv)
@@ -104,10 +111,15 @@ def order_show(order_id: str, as_json: JsonFlag = False) -> None:
     if as_json:
         _print_json(found)
         return
-    console.print(f"[bold]{order_id}[/] {found['status']} total {found['total']} "
-                  f"{found['currency']} customer {found['customer_id']}")
-    for title, rows in (("lines", found["lines"]), ("events", found["events"]),
-                        ("ledger", found["ledger"])):
+    console.print(
+        f"[bold]{order_id}[/] {found['status']} total {found['total']} "
+        f"{found['currency']} customer {found['customer_id']}"
+    )
+    for title, rows in (
+        ("lines", found["lines"]),
+        ("events", found["events"]),
+        ("ledger", found["ledger"]),
+    ):
         if rows:
             console.print(_table(title, rows))
 

@@ -69,9 +69,7 @@ class Publisher:
 
     def publish_raw(self, body: str) -> None:
         """Send a body as-is (already-serialised events, or replays of stored bodies)."""
-        self._retrying(
-            self._app.send_task, TASK_NAME, args=[body], queue=self._queue, retry=False
-        )
+        self._retrying(self._app.send_task, TASK_NAME, args=[body], queue=self._queue, retry=False)
 
     def close(self) -> None:
         self._app.close()

@@ -25,11 +25,16 @@ from worker.db import make_engine
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerUrls]:
     state_dir = tmp_path_factory.mktemp("embedded")
-    with session_servers(
-        os.environ.get("ORDERONCE_DATABASE_URL"), os.environ.get("ORDERONCE_REDIS_URL"), state_dir
-    ) as found:
-        with fresh_database(found.database_url) as db_url, empty_redis_db(found.redis_url) as r:
-            yield ServerUrls(db_url, r)
+    with (
+        session_servers(
+            os.environ.get("ORDERONCE_DATABASE_URL"),
+            os.environ.get("ORDERONCE_REDIS_URL"),
+            state_dir,
+        ) as found,
+        fresh_database(found.database_url) as db_url,
+        empty_redis_db(found.redis_url) as r,
+    ):
+        yield ServerUrls(db_url, r)
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +66,16 @@ def engine(servers: ServerUrls, settings: Settings) -> Iterator[Engine]:
 def db(engine: Engine, servers: ServerUrls) -> Engine:
     """The session database, emptied before the test; the test's Redis db, flushed."""
     with engine.begin() as conn:
-        tables = conn.execute(
-            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-                 " AND tablename <> 'alembic_version'")
-        ).scalars().all()
+        tables = (
+            conn.execute(
+                text(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                    " AND tablename <> 'alembic_version'"
+                )
+            )
+            .scalars()
+            .all()
+        )
         conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
     client = redis.Redis.from_url(servers.redis_url)
     client.flushdb()

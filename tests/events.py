@@ -14,12 +14,18 @@ def uid(prefix: str) -> str:
 
 
 def restock(sku: str, quantity: int, **kw: Any) -> CloudEvent:
-    return build_event("inventory.restocked", {"sku": sku, "quantity": quantity},
-                       source="test/warehouse", **kw)
+    return build_event(
+        "inventory.restocked", {"sku": sku, "quantity": quantity}, source="test/warehouse", **kw
+    )
 
 
-def created(order_id: str, items: list[tuple[str, int, str]], customer: str = "C-1",
-            currency: str = "EUR", **kw: Any) -> CloudEvent:
+def created(
+    order_id: str,
+    items: list[tuple[str, int, str]],
+    customer: str = "C-1",
+    currency: str = "EUR",
+    **kw: Any,
+) -> CloudEvent:
     data = {
         "customer_id": customer,
         "currency": currency,
@@ -34,13 +40,23 @@ def paid(order_id: str, amount: str, currency: str = "EUR", **kw: Any) -> CloudE
 
 
 def shipped(order_id: str, **kw: Any) -> CloudEvent:
-    return build_event("order.shipped", {"shipment_id": uid("SHP")}, source="test/warehouse",
-                       subject=order_id, **kw)
+    return build_event(
+        "order.shipped",
+        {"shipment_id": uid("SHP")},
+        source="test/warehouse",
+        subject=order_id,
+        **kw,
+    )
 
 
 def cancelled(order_id: str, **kw: Any) -> CloudEvent:
-    return build_event("order.cancelled", {"reason": "customer asked"}, source="test/checkout",
-                       subject=order_id, **kw)
+    return build_event(
+        "order.cancelled",
+        {"reason": "customer asked"},
+        source="test/checkout",
+        subject=order_id,
+        **kw,
+    )
 
 
 def refunded(order_id: str, amount: str, currency: str = "EUR", **kw: Any) -> CloudEvent:

@@ -8,11 +8,11 @@ Each session gets a fresh database (dropped at the end) and an empty Redis db of
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
@@ -33,8 +33,9 @@ def _libpq(url: str) -> str:
 
 
 @contextmanager
-def session_servers(database_url: str | None, redis_url: str | None,
-                    state_dir: Path) -> Iterator[ServerUrls]:
+def session_servers(
+    database_url: str | None, redis_url: str | None, state_dir: Path
+) -> Iterator[ServerUrls]:
     if database_url and redis_url:
         yield ServerUrls(database_url, redis_url)
         return
@@ -73,10 +74,9 @@ def empty_redis_db(server_url: str) -> Iterator[str]:
     base = redis.Redis.from_url(server_url)
     for db in range(15, 0, -1):
         client = redis.Redis.from_url(server_url, db=db)
-        if client.dbsize() == 0:
-            # Claim it so a parallel session looks elsewhere.
-            if client.set("orderonce:test:claimed", "1", nx=True):
-                break
+        # Claim an empty one with a marker key, so a parallel session looks elsewhere.
+        if client.dbsize() == 0 and client.set("orderonce:test:claimed", "1", nx=True):
+            break
     else:
         raise RuntimeError("no empty Redis database between 1 and 15 for the tests")
     base.close()

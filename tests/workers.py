@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,14 +31,22 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
 class WorkerProcess:
     """One ``orderonce worker`` in its own process group (main process plus pool children)."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path, pool: str,
-                 concurrency: int) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], log: Path, pool: str, concurrency: int
+    ) -> None:
         self.name = name
         self.log = log
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orderonce", "worker", f"--pool={pool}",
-             f"--concurrency={concurrency}", f"--name={name}@%h"],
+            [
+                sys.executable,
+                "-m",
+                "orderonce",
+                "worker",
+                f"--pool={pool}",
+                f"--concurrency={concurrency}",
+                f"--name={name}@%h",
+            ],
             env=env,
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -58,16 +67,17 @@ class WorkerProcess:
         return found
 
     def wait_ready(self, timeout: float = 30) -> None:
-        wait_until(lambda: " ready." in self.text() or self.proc.poll() is not None,
-                   timeout, f"worker {self.name} to start")
+        wait_until(
+            lambda: " ready." in self.text() or self.proc.poll() is not None,
+            timeout,
+            f"worker {self.name} to start",
+        )
         if self.proc.poll() is not None:
             raise AssertionError(f"worker {self.name} exited at start:\n{self.text()[-3000:]}")
 
     def signal_group(self, sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
         self.signal_group(signal.SIGCONT)  # a stopped process group must not outlive the test
@@ -90,12 +100,20 @@ class WorkerFactory:
         self._tmp = tmp
         self.started: list[WorkerProcess] = []
 
-    def start(self, name: str = "w", *, pool: str = "solo", concurrency: int = 1,
-              ready: bool = True, **env: str) -> WorkerProcess:
+    def start(
+        self,
+        name: str = "w",
+        *,
+        pool: str = "solo",
+        concurrency: int = 1,
+        ready: bool = True,
+        **env: str,
+    ) -> WorkerProcess:
         full_env = {**os.environ, **self._env, **env}
         n = len(self.started)
-        worker = WorkerProcess(f"{name}{n}", full_env, self._tmp / f"{name}{n}.log", pool,
-                               concurrency)
+        worker = WorkerProcess(
+            f"{name}{n}", full_env, self._tmp / f"{name}{n}.log", pool, concurrency
+        )
         self.started.append(worker)
         if ready:
             worker.wait_ready()

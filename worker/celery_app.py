@@ -35,7 +35,7 @@ def _backoff(base: float, retries: int, cap: float) -> float:
 
 def _later(task: Task, countdown: float) -> Retry:
     try:
-        return task.retry(countdown=countdown, max_retries=None)  # type: ignore[no-any-return]
+        return task.retry(countdown=countdown, max_retries=None)
     except Retry as retry:
         return retry
     except Exception as exc:  # the broker refused the delayed copy: keep the original instead
@@ -43,7 +43,9 @@ def _later(task: Task, countdown: float) -> Retry:
         raise Reject(str(exc), requeue=True) from exc
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
+    name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True
+)
 def process_event(self: Task, body: str) -> dict[str, Any]:
     rt = runtime()
     s = rt.settings
@@ -57,16 +59,24 @@ def process_event(self: Task, body: str) -> dict[str, Any]:
             max_body_bytes=s.max_body_bytes,
             db_attempts=s.db_retry_attempts,
         )
-    except LockBusy:
-        raise _later(self, _backoff(s.lock_busy_countdown_s, 1, s.lock_busy_countdown_s * 2))
+    except LockBusy as busy:
+        raise _later(
+            self, _backoff(s.lock_busy_countdown_s, 1, s.lock_busy_countdown_s * 2)
+        ) from busy
     except NotYetApplicable as early:
         if retries >= s.too_early_max_retries:
             dead_letters.record_now(
-                rt.engine, raw, "parked", f"{early.reason} after {retries} retries",
-                event_id=early.event_id, subject=early.order_id,
+                rt.engine,
+                raw,
+                "parked",
+                f"{early.reason} after {retries} retries",
+                event_id=early.event_id,
+                subject=early.order_id,
             )
             return {"outcome": "dead_lettered", "reason": f"parked: {early.reason}"}
-        raise _later(self, _backoff(s.too_early_backoff_s, retries, s.too_early_backoff_max_s))
+        raise _later(
+            self, _backoff(s.too_early_backoff_s, retries, s.too_early_backoff_max_s)
+        ) from early
     except Exception as exc:
         if is_transient(exc):
             log.warning("database unavailable, retrying later: %s", exc)

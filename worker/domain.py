@@ -149,8 +149,4 @@ def quantities_by_sku(items: Iterable[LineItem]) -> dict[str, int]:
 
 def missing_stock(wanted: Mapping[str, int], stock: Mapping[str, Stock]) -> list[str]:
     """SKUs that cannot cover the order; an empty list means the whole order can be reserved."""
-    return [
-        sku
-        for sku, qty in wanted.items()
-        if sku not in stock or stock[sku].available < qty
-    ]
+    return [sku for sku, qty in wanted.items() if sku not in stock or stock[sku].available < qty]

@@ -217,11 +217,13 @@ def transition_order(conn: Connection, event: OrderEvent) -> Result:
     if decision.release_stock or decision.ship_stock:
         quantities = _reserved_quantities(conn, order_id)
         if decision.release_stock:
-            _change_stock(conn, event, "release", quantities, order_id, on_hand_sign=0,
-                          reserved_sign=-1)
+            _change_stock(
+                conn, event, "release", quantities, order_id, on_hand_sign=0, reserved_sign=-1
+            )
         else:
-            _change_stock(conn, event, "ship", quantities, order_id, on_hand_sign=-1,
-                          reserved_sign=-1)
+            _change_stock(
+                conn, event, "ship", quantities, order_id, on_hand_sign=-1, reserved_sign=-1
+            )
     if decision.legs:
         conn.execute(
             ledger_entries.insert(),

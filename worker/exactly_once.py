@@ -37,9 +37,9 @@ from tenacity import (
 
 from schemas import BadEvent, CloudEvent, parse_event, payload_hash
 from worker import dead_letters, effects
+from worker.db import is_transient
 from worker.failpoints import failpoint
 from worker.locks import EventLocks
-from worker.db import is_transient
 from worker.tables import processed_messages
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ def process(
     try:
         event = parse_event(body, max_body_bytes)
     except BadEvent as bad:
-        _db_retrying(db_attempts)(
-            dead_letters.record_now, engine, body, bad.reason, bad.detail
-        )
+        _db_retrying(db_attempts)(dead_letters.record_now, engine, body, bad.reason, bad.detail)
         return Outcome("dead_lettered", reason=bad.reason)
 
     order_id = getattr(event, "subject", None)
@@ -177,4 +175,3 @@ def _duplicate(conn: Connection, event: CloudEvent, digest: str, body: bytes) ->
         )
         return Outcome("dead_lettered", event.id, order_id, "id_conflict")
     return Outcome("duplicate", event.id, order_id)
-

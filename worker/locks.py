@@ -44,7 +44,7 @@ class EventLocks:
         Raises LockBusy when another worker holds it: the caller retries later and never skips,
         because the holder may still crash before committing.
         """
-        lock = self._client.lock(
+        lock: Lock = self._client.lock(
             lock_name(source, event_id), timeout=self._ttl_s, blocking=False, thread_local=False
         )
         try:
@@ -57,8 +57,9 @@ class EventLocks:
             )
             return None
         if not acquired:
-            raise LockBusy("event lock held by another worker", event_id=event_id,
-                           order_id=order_id)
+            raise LockBusy(
+                "event lock held by another worker", event_id=event_id, order_id=order_id
+            )
         return lock
 
     def release(self, lock: Lock | None, event_id: str, order_id: str | None) -> None:
@@ -74,5 +75,8 @@ class EventLocks:
                 extra={"event_id": event_id, "order_id": order_id},
             )
         except (LockError, redis.RedisError) as exc:
-            log.warning("could not release event lock (it will expire): %s", exc,
-                        extra={"event_id": event_id, "order_id": order_id})
+            log.warning(
+                "could not release event lock (it will expire): %s",
+                exc,
+                extra={"event_id": event_id, "order_id": order_id},
+            )

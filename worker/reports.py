@@ -97,8 +97,10 @@ def verify(conn: Connection, sample: int = 5) -> list[Check]:
     checks = []
     for name, (sql, meaning) in _CHECKS.items():
         rows = conn.execute(text(f"SELECT * FROM ({sql}) bad LIMIT {sample}")).all()
-        detail = "ok" if not rows else f"{meaning}: " + ", ".join(
-            "/".join(str(v) for v in row) for row in rows
+        detail = (
+            "ok"
+            if not rows
+            else f"{meaning}: " + ", ".join("/".join(str(v) for v in row) for row in rows)
         )
         checks.append(Check(name, not rows, detail))
     return checks
@@ -114,8 +116,9 @@ def stats(conn: Connection) -> dict[str, Any]:
             "SELECT event_type, count(*) FROM processed_messages GROUP BY 1 ORDER BY 1"
         ),
         "duplicates_suppressed": int(
-            conn.execute(text("SELECT coalesce(sum(duplicates), 0) FROM processed_messages"))
-            .scalar_one()
+            conn.execute(
+                text("SELECT coalesce(sum(duplicates), 0) FROM processed_messages")
+            ).scalar_one()
         ),
         "rejected_by_reason": pairs(
             "SELECT split_part(reason, ':', 1), count(*) FROM processed_messages"
@@ -129,9 +132,11 @@ def stats(conn: Connection) -> dict[str, Any]:
 
 
 def order(conn: Connection, order_id: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        text("SELECT * FROM orders WHERE order_id = :id"), {"id": order_id}
-    ).mappings().first()
+    row = (
+        conn.execute(text("SELECT * FROM orders WHERE order_id = :id"), {"id": order_id})
+        .mappings()
+        .first()
+    )
     if row is None:
         return None
     lines = conn.execute(
@@ -169,5 +174,7 @@ def inventory(conn: Connection) -> list[dict[str, Any]]:
 
 
 def _plain(row: Any) -> dict[str, Any]:
-    return {k: (str(v) if v is not None and not isinstance(v, int | str) else v)
-            for k, v in dict(row).items()}
+    return {
+        k: (str(v) if v is not None and not isinstance(v, int | str) else v)
+        for k, v in dict(row).items()
+    }

@@ -33,6 +33,8 @@ def runtime() -> Runtime:
         s = settings()
         urls = resolve()
         client = lock_client(urls.redis_url)
-        rt = Runtime(s, make_engine(urls.database_url, s), client, EventLocks(client, s.lock_ttl_ms))
+        rt = Runtime(
+            s, make_engine(urls.database_url, s), client, EventLocks(client, s.lock_ttl_ms)
+        )
         _runtime = (os.getpid(), rt)
     return _runtime[1]

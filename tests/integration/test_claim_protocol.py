@@ -116,9 +116,7 @@ def test_same_id_with_different_content_is_dead_lettered(db: Engine, locks: Even
         assert conn.execute(select(dead_letters.c.reason)).scalars().all() == ["id_conflict"]
 
 
-def test_an_event_too_early_leaves_no_trace_until_it_applies(
-    db: Engine, locks: EventLocks
-) -> None:
+def test_an_event_too_early_leaves_no_trace_until_it_applies(db: Engine, locks: EventLocks) -> None:
     order = events.uid("ORD")
     pay = events.paid(order, "20.00")
     with pytest.raises(NotYetApplicable) as early:
@@ -139,7 +137,8 @@ def test_bad_input_becomes_a_dead_letter(db: Engine, locks: EventLocks) -> None:
     assert _run(b"x" * 300_000, db, locks).reason == "oversized"
     with db.connect() as conn:
         rows = conn.execute(
-            select(dead_letters.c.reason, dead_letters.c.attempts, dead_letters.c.body_size)
-            .order_by(dead_letters.c.reason)
+            select(
+                dead_letters.c.reason, dead_letters.c.attempts, dead_letters.c.body_size
+            ).order_by(dead_letters.c.reason)
         ).all()
     assert [tuple(r) for r in rows] == [("malformed_json", 2, 9), ("oversized", 1, 300_000)]

@@ -72,9 +72,15 @@ def test_same_message_ten_times_to_several_workers(
     for event in copies:
         publisher.publish(event)
 
-    wait_until(lambda: _settled(db, len(stream)) and _count(
-        db, "SELECT sum(duplicates) FROM processed_messages") == len(copies) + 1 - len(stream),
-        90, "every copy to be processed")
+    wait_until(
+        lambda: (
+            _settled(db, len(stream))
+            and _count(db, "SELECT sum(duplicates) FROM processed_messages")
+            == len(copies) + 1 - len(stream)
+        ),
+        90,
+        "every copy to be processed",
+    )
     assert _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 20
     assert _count(db, "SELECT count(*) FROM ledger_entries") == 40
     assert _count(db, "SELECT reserved FROM inventory") == 40
@@ -92,8 +98,11 @@ def test_killed_after_commit_before_ack_is_redelivered_as_duplicate(
     if pool == "solo":  # the whole worker died with its message unacked: start another
         wait_until(lambda: worker.proc.poll() is not None, 10, "the worker to die")
         workers.start(pool=pool)
-    wait_until(lambda: _count(db, "SELECT duplicates FROM processed_messages") >= 1, 60,
-               "the redelivered copy to be recognised as a duplicate")
+    wait_until(
+        lambda: _count(db, "SELECT duplicates FROM processed_messages") >= 1,
+        60,
+        "the redelivered copy to be recognised as a duplicate",
+    )
     assert _count(db, "SELECT on_hand FROM inventory") == 7
     assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
     _assert_verified(db)
@@ -116,8 +125,12 @@ def test_killed_mid_transaction_rolls_back_then_applies_once(
 
 
 def test_paused_past_lock_ttl_cannot_double_apply_or_free_the_new_lock(
-    db: Engine, workers: WorkerFactory, publisher: Publisher, tmp_path: Path,
-    servers: ServerUrls, settings: Settings,
+    db: Engine,
+    workers: WorkerFactory,
+    publisher: Publisher,
+    tmp_path: Path,
+    servers: ServerUrls,
+    settings: Settings,
 ) -> None:
     paused = workers.start("paused", **_failpoint(tmp_path, "before_commit=stop"))
     event = events.restock("SKU-A", 4)
@@ -136,8 +149,11 @@ def test_paused_past_lock_ttl_cannot_double_apply_or_free_the_new_lock(
     name = lock_name(event.source, event.id)
     client.set(name, "new-holder", px=60_000)
     paused.signal_group(signal.SIGCONT)
-    wait_until(lambda: paused.outcomes(event.id) == ["duplicate"], 30,
-               "the resumed worker to find the event done")
+    wait_until(
+        lambda: paused.outcomes(event.id) == ["duplicate"],
+        30,
+        "the resumed worker to find the event done",
+    )
     assert client.get(name) == b"new-holder"
     assert _count(db, "SELECT on_hand FROM inventory") == 4
     assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
@@ -159,8 +175,11 @@ def test_redis_lock_server_stopped_while_processing(
             if i == 40:
                 locks_redis.stop()
         wait_until(lambda: _settled(db, len(stream)), 90, "all events to settle without Redis")
-        wait_until(lambda: _count(db, "SELECT sum(duplicates) FROM processed_messages")
-                   == len(stream), 60, "every copy to be processed")
+        wait_until(
+            lambda: _count(db, "SELECT sum(duplicates) FROM processed_messages") == len(stream),
+            60,
+            "every copy to be processed",
+        )
     finally:
         locks_redis.stop()
     assert _count(db, "SELECT count(*) FROM inventory_movements") == len(stream)
@@ -181,12 +200,18 @@ def test_events_of_one_order_out_of_order(
         publisher.publish(events.shipped(order))
         publisher.publish(events.paid(order, "30.00"))
         publisher.publish(events.created(order, [("SKU-A", 3, "10.00")]))
-    wait_until(lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 2,
-               60, "both orders to reach shipped")
+    wait_until(
+        lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 2,
+        60,
+        "both orders to reach shipped",
+    )
     publisher.publish(events.cancelled(cancelled_too_late))
     wait_until(lambda: _settled(db, 8), 30, "the late cancellation to be recorded")
-    reason = _count(db, "SELECT count(*) FROM processed_messages WHERE outcome = 'rejected'"
-                    " AND reason LIKE 'invalid_transition%'")
+    reason = _count(
+        db,
+        "SELECT count(*) FROM processed_messages WHERE outcome = 'rejected'"
+        " AND reason LIKE 'invalid_transition%'",
+    )
     assert reason == 1
     assert _count(db, "SELECT on_hand FROM inventory") == 94
     assert _count(db, "SELECT reserved FROM inventory") == 0
