@@ -21,6 +21,21 @@ console = Console()
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+@app.callback()
+def _load_settings() -> None:
+    """Refuse to run at all with settings that would break a guarantee."""
+    from pydantic import ValidationError
+
+    from orderonce.config import settings
+
+    try:
+        settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            console.print(f"[red]refusing to start:[/] {error['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _engine() -> Any:
     from orderonce.config import resolve, settings
     from worker.db import make_engine

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,19 @@ from orderonce.embedded import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
+    # Not under pytest's basetemp when root: every pytest session that starts resets
+    # /tmp/pytest-of-root to 0700, which would cut off the unprivileged PostgreSQL account in the
+    # middle of an initdb should another session (another engineer's, say) start meanwhile.
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="orderonce-embedded-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

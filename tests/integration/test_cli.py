@@ -1,0 +1,84 @@
+"""The command line against a real database: publish, then read back what the worker did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from sqlalchemy import Engine, text
+
+from producers.publisher import to_json
+from tests import events
+from tests.workers import WorkerFactory, wait_until
+
+
+def _cli(
+    worker_env: dict[str, str], *args: str, stdin: str | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "orderonce", *args],
+        env={**os.environ, **worker_env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if ok:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_publish_then_inspect(
+    db: Engine, workers: WorkerFactory, worker_env: dict[str, str]
+) -> None:
+    order = events.uid("ORD")
+    lines = [
+        events.restock("SKU-CLI", 10),
+        events.created(order, [("SKU-CLI", 2, "4.50"), ("SKU-CLI", 1, "1.00")]),
+        events.paid(order, "10.00"),
+    ]
+    body = "\n".join(to_json(e) for e in lines) + "\n" + "\n" + "garbage\n"
+    published = json.loads(_cli(worker_env, "publish", "-", "--json", stdin=body).stdout)
+    assert published == {"published": 4, "blank_lines": 1}
+
+    workers.start()
+    with db.connect() as conn:
+        wait_until(
+            lambda: (
+                conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one() == 3
+                and conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one() == 1
+            ),
+            30,
+            "the events to be processed",
+        )
+        conn.rollback()
+
+    shown = json.loads(_cli(worker_env, "order", "show", order, "--json").stdout)
+    assert shown["status"] == "paid"
+    assert shown["total"] == "10.00"
+    assert [ln["quantity"] for ln in shown["lines"]] == [2, 1]
+    assert {e["event_type"] for e in shown["events"]} == {"order.created", "order.paid"}
+    assert sorted(leg["amount"] for leg in shown["ledger"]) == ["-10.00", "10.00"]
+
+    stock = json.loads(_cli(worker_env, "inventory", "--json").stdout)
+    assert stock == [{"sku": "SKU-CLI", "on_hand": 10, "reserved": 3}]
+
+    stats = json.loads(_cli(worker_env, "stats", "--json").stdout)
+    assert stats["events"] == {"applied": 3}
+    assert stats["dead_letters_by_reason"] == {"malformed_json": 1}
+    assert stats["orders_by_status"] == {"paid": 1}
+
+    verdict = json.loads(_cli(worker_env, "verify", "--json").stdout)
+    assert verdict["ok"] is True
+
+    missing = _cli(worker_env, "order", "show", "NO-SUCH-ORDER", ok=False)
+    assert missing.returncode == 1
+
+
+def test_worker_refuses_unsafe_settings(worker_env: dict[str, str]) -> None:
+    unsafe = {**worker_env, "ORDERONCE_LOCK_TTL_MS": "1000"}
+    result = _cli(unsafe, "worker", ok=False)
+    assert result.returncode == 2
+    assert "lock_ttl_ms must exceed task_time_limit_s" in result.stdout
