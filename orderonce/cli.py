@@ -26,13 +26,12 @@ def _load_settings() -> None:
     """Refuse to run at all with settings that would break a guarantee."""
     from pydantic import ValidationError
 
-    from orderonce.config import settings
+    from orderonce.config import UnsafeSettings, settings
 
     try:
         settings()
-    except ValidationError as exc:
-        for error in exc.errors():
-            console.print(f"[red]refusing to start:[/] {error['msg']}", highlight=False)
+    except (UnsafeSettings, ValidationError) as exc:
+        console.print(f"[red]refusing to start:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,11 +51,6 @@ class Settings(BaseSettings):
     lock_busy_countdown_s: float = 1.0
     poison_max_retries: int = 5
 
-    @model_validator(mode="after")
-    def _check_safety(self) -> Settings:
-        check_safety(self)
-        return self
-
 
 def check_safety(s: Settings) -> None:
     problems = []
@@ -77,7 +71,10 @@ def check_safety(s: Settings) -> None:
 
 @cache
 def settings() -> Settings:
-    return Settings()
+    """This process's settings; raises UnsafeSettings rather than run with unsafe ones."""
+    loaded = Settings()
+    check_safety(loaded)
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC
 from typing import Any
 
 import orjson
@@ -68,8 +69,8 @@ def strict_json(body: bytes) -> Any:
         )
     except RecursionError:
         raise BadEvent("malformed_json", "nesting too deep") from None
-    except json.JSONDecodeError as exc:
-        raise BadEvent("malformed_json", str(exc)) from None
+    except ValueError as exc:  # JSONDecodeError, and e.g. integers past int_max_str_digits
+        raise BadEvent("malformed_json", str(exc)[:500]) from None
     if _depth(value, MAX_DEPTH) > MAX_DEPTH:
         raise BadEvent("malformed_json", f"nesting deeper than {MAX_DEPTH} levels")
     return value
@@ -89,8 +90,14 @@ def _schema_reason(exc: ValidationError) -> str:
     return "bad_envelope"
 
 
+def as_bytes(body: bytes | str) -> bytes:
+    """A message body as bytes. Lone surrogates pass through, to fail UTF-8 decoding later as
+    malformed JSON instead of crashing here."""
+    return body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+
+
 def parse_event(body: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> CloudEvent:
-    raw = body.encode("utf-8") if isinstance(body, str) else body
+    raw = as_bytes(body)
     if len(raw) > max_bytes:
         raise BadEvent("oversized", f"{len(raw)} bytes, the limit is {max_bytes}")
     value = strict_json(raw)
@@ -104,10 +111,11 @@ def parse_event(body: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> CloudE
 
 
 def canonical_json(event: CloudEvent) -> bytes:
-    """One byte string per event content: sorted keys, no whitespace, money as strings."""
-    return orjson.dumps(
-        CLOUD_EVENT.dump_python(event, mode="json", exclude_none=True), option=orjson.OPT_SORT_KEYS
-    )
+    """One byte string per event content: sorted keys, no whitespace, money as strings, time
+    in UTC (the same instant written with another offset is the same event)."""
+    content = CLOUD_EVENT.dump_python(event, mode="json", exclude_none=True)
+    content["time"] = event.time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
 
 
 def payload_hash(event: CloudEvent) -> str:

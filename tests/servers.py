@@ -18,7 +18,7 @@ import psycopg
 import redis
 from sqlalchemy import create_engine, make_url
 
-from orderonce.config import Settings
+from orderonce.config import Settings, check_safety
 from worker.migrate import upgrade
 
 
@@ -105,5 +105,5 @@ def fast_timings(**overrides: object) -> dict[str, str]:
         "lock_busy_countdown_s": 0.5,
         **overrides,
     }
-    Settings(**values)  # type: ignore[arg-type]  # refuses unsafe test timings too
+    check_safety(Settings(**values))  # type: ignore[arg-type]  # refuses unsafe test timings
     return {f"ORDERONCE_{k.upper()}": str(v) for k, v in values.items()}

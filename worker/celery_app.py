@@ -17,6 +17,7 @@ from celery.exceptions import Reject, Retry
 
 from orderonce.broker import TASK_NAME, check_celery_safety, make_celery
 from orderonce.config import resolve, settings
+from schemas.parsing import as_bytes
 from worker import dead_letters, exactly_once
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
@@ -49,7 +50,7 @@ def _later(task: Task, countdown: float) -> Retry:
 def process_event(self: Task, body: str) -> dict[str, Any]:
     rt = runtime()
     s = rt.settings
-    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    raw = as_bytes(body)
     retries = self.request.retries or 0
     try:
         outcome = exactly_once.process(
