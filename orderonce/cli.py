@@ -185,6 +185,57 @@ def verify(as_json: JsonFlag = False) -> None:
 
 
 @app.command()
+def demo(
+    orders: Annotated[int, typer.Option(help="Orders to place.", min=1)] = 2000,
+    workers: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
+    duplicate_rate: Annotated[
+        float, typer.Option(help="Share of events a producer sends twice.", min=0, max=1)
+    ] = 0.1,
+    chaos: Annotated[bool, typer.Option(help="Kill a worker with SIGKILL mid-run.")] = True,
+    keep: Annotated[bool, typer.Option(help="Leave the embedded servers running.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the order stream.")] = 1,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the main job end to end and check that every event took effect exactly once."""
+    from orderonce import demo as demo_run
+    from orderonce.config import settings
+
+    options = demo_run.Options(
+        orders=orders,
+        workers=workers,
+        duplicate_rate=duplicate_rate,
+        chaos=chaos,
+        keep=keep,
+        seed=seed,
+    )
+    s = settings()
+    embedded = s.database_url is None or s.redis_url is None
+    if embedded and not as_json:
+        console.print(
+            f"no ORDERONCE_*_URL set: using the embedded PostgreSQL and Redis under {s.state_dir}/"
+        )
+    try:
+        report = demo_run.run(options, console, show_live=not as_json)
+    finally:
+        if embedded and not keep:
+            from orderonce.embedded import stop_servers
+
+            stop_servers(s.state_dir.resolve())
+    if as_json:
+        _print_json(report)
+    else:
+        console.print()
+        demo_run.render(report, console)
+        if keep:
+            console.print(
+                "servers left running: try `orderonce stats`, `orderonce inventory`, "
+                f"`orderonce order show {report['run']}-000001`; `orderonce down` "
+                "stops them."
+            )
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command()
 def down() -> None:
     """Stop the embedded PostgreSQL and Redis, if they are running."""
     from orderonce.config import settings

@@ -74,7 +74,7 @@ def build_stream(run: str, orders: int, duplicate_rate: float, seed: int = 1) ->
             time=start + timedelta(milliseconds=at),
         )
 
-    demand = 3 * orders // len(SKUS) + 20
+    demand = 5 * orders // len(SKUS) + 20  # ample: only the limited item runs out
     for n, sku in enumerate([*SKUS, limited]):
         qty = max(5, orders // 100) if sku == limited else demand
         restock = event("inventory.restocked", {"sku": sku, "quantity": qty}, "warehouse", n)
