@@ -48,6 +48,12 @@ def _assert_verified(db: Engine) -> None:
     assert not failed, failed
 
 
+def _assert_restocked_once(db: Engine, quantity: int) -> None:
+    assert _count(db, "SELECT on_hand FROM inventory") == quantity
+    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
+    _assert_verified(db)
+
+
 def _failpoint(tmp_path: Path, spec: str) -> dict[str, str]:
     return {"ORDERONCE_FAILPOINTS": spec, "ORDERONCE_FAILPOINTS_ONCE_DIR": str(tmp_path)}
 
@@ -103,9 +109,7 @@ def test_killed_after_commit_before_ack_is_redelivered_as_duplicate(
         60,
         "the redelivered copy to be recognised as a duplicate",
     )
-    assert _count(db, "SELECT on_hand FROM inventory") == 7
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
-    _assert_verified(db)
+    _assert_restocked_once(db, 7)
 
 
 def test_killed_mid_transaction_rolls_back_then_applies_once(
@@ -119,9 +123,7 @@ def test_killed_mid_transaction_rolls_back_then_applies_once(
     # requeued copy must wait for it to expire rather than ack and skip.
     assert _count(db, "SELECT count(*) FROM processed_messages") == 0
     wait_until(lambda: _settled(db, 1), 60, "the requeued copy to apply")
-    assert _count(db, "SELECT on_hand FROM inventory") == 3
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
-    _assert_verified(db)
+    _assert_restocked_once(db, 3)
 
 
 def test_paused_past_lock_ttl_cannot_double_apply_or_free_the_new_lock(
@@ -155,9 +157,7 @@ def test_paused_past_lock_ttl_cannot_double_apply_or_free_the_new_lock(
         "the resumed worker to find the event done",
     )
     assert client.get(name) == b"new-holder"
-    assert _count(db, "SELECT on_hand FROM inventory") == 4
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
-    _assert_verified(db)
+    _assert_restocked_once(db, 4)
 
 
 def test_redis_lock_server_stopped_while_processing(
