@@ -35,12 +35,13 @@ import socket
 import stat
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, ClassVar, Final, Self
 
 import psycopg
 import redis
@@ -148,12 +149,19 @@ def stop_servers(state_dir: Path) -> bool:
         return stopped_pg or stopped_redis
 
 
-class PrivateRedis:
-    """A throwaway redis-server without persistence, for tests that kill and restart it."""
+class _PrivateServer(ABC):
+    """A throwaway server run as our child, for tests that crash and restart it.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self._dir = _prepare_dir(workdir) / "redis"
-        self._log = self._dir / "redis.log"
+    Subclasses say how to prepare, spawn and stop it; the port logic is shared: a port found
+    taken is swapped for another, but only until the server first runs, as from then on clients
+    may hold its URL.
+    """
+
+    _name: ClassVar[str]  # for error messages
+    _exit_signal: ClassVar[signal.Signals]  # how leaving the `with` block stops it
+
+    def __init__(self, log: Path, port: int | None) -> None:
+        self._log = log
         self._port = port if port is not None else _free_port()
         self._port_is_fixed = port is not None
         self._started_once = False
@@ -161,7 +169,7 @@ class PrivateRedis:
 
     @property
     def url(self) -> str:
-        return _redis_url(self._port)
+        return self._url_for(self._port)
 
     @property
     def port(self) -> int:
@@ -170,25 +178,23 @@ class PrivateRedis:
     def start(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         for attempt in range(_PORT_ATTEMPTS):
-            proc, in_use = _start_redis(self._dir, self._log, self._port, persistent=False)
+            proc, in_use = self._spawn()
             if proc is not None:
                 self._proc = proc
                 self._started_once = True
+                self._on_started()
                 return
             # The URL may only change before anyone could have seen it in use.
             if not in_use or self._port_is_fixed or self._started_once:
                 break
             if attempt < _PORT_ATTEMPTS - 1:
                 self._port = _free_port()
-        raise EmbeddedServerError(f"redis-server did not start on port {self._port}", self._log)
+        raise EmbeddedServerError(f"{self._name} did not start on port {self._port}", self._log)
 
-    def stop(self) -> None:
-        """Kill the server (SIGKILL, as in a crash) and wait for it to be gone."""
-        if self._proc is not None:
-            _kill_child(self._proc, signal.SIGKILL)
-            self._proc = None
+    @abstractmethod
+    def stop(self) -> None: ...
 
     def restart(self) -> None:
         self.stop()
@@ -204,50 +210,65 @@ class PrivateRedis:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self._stop_with(self._exit_signal)
+
+    def _stop_with(self, sig: signal.Signals) -> None:
+        if self._proc is not None:
+            _kill_child(self._proc, sig)
+            self._proc = None
+
+    @staticmethod
+    @abstractmethod
+    def _url_for(port: int) -> str: ...
+
+    @abstractmethod
+    def _prepare(self) -> None:
+        """Ready what the server needs (directories, a data dir); it is down at this point."""
+
+    @abstractmethod
+    def _spawn(self) -> tuple[subprocess.Popen[bytes] | None, bool]:
+        """Start on self._port: (process, False) once ready, else (None, port_was_taken)."""
+
+    def _on_started(self) -> None:  # noqa: B027 (an optional hook)
+        """Runs once the server answers."""
 
 
-class PrivatePostgres:
+class PrivateRedis(_PrivateServer):
+    """A throwaway redis-server without persistence, for tests that kill and restart it."""
+
+    _name = "redis-server"
+    _exit_signal = signal.SIGKILL
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self._dir = _prepare_dir(workdir) / "redis"
+        super().__init__(self._dir / "redis.log", port)
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL, as in a crash) and wait for it to be gone."""
+        self._stop_with(signal.SIGKILL)
+
+    @staticmethod
+    def _url_for(port: int) -> str:
+        return _redis_url(port)
+
+    def _prepare(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes] | None, bool]:
+        return _start_redis(self._dir, self._log, self._port, persistent=False)
+
+
+class PrivatePostgres(_PrivateServer):
     """A throwaway PostgreSQL cluster (database ``orderonce`` created), for crash tests."""
+
+    _name = "postgres"
+    _exit_signal = _PG_STOP_SIGNALS["fast"]
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self._root = _prepare_dir(workdir) / "postgres"
         self._data = self._root / "data"
-        self._log = self._root / "postgres.log"
-        self._port = port if port is not None else _free_port()
-        self._port_is_fixed = port is not None
-        self._started_once = False
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return _pg_url(self._port)
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    def start(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        account = _pg_account(self._root)
-        _pg_log(self._root, account)
-        _initdb(self._data, self._log, account, private=True)
-        # After a "kill", backends may outlive the postmaster for a moment; postgres would refuse
-        # to start while they still hold the old shared memory.
-        _wait_until_vacated(self._data, self._log)
-        for attempt in range(_PORT_ATTEMPTS):
-            proc, in_use = self._spawn(account)
-            if proc is not None:
-                self._proc = proc
-                self._started_once = True
-                _create_database(self._port)
-                return
-            if not in_use or self._port_is_fixed or self._started_once:
-                break
-            if attempt < _PORT_ATTEMPTS - 1:
-                self._port = _free_port()
-        raise EmbeddedServerError(f"postgres did not start on port {self._port}", self._log)
+        self._account: _Account | None = None
+        super().__init__(self._root / "postgres.log", port)
 
     def stop(self, mode: str = "immediate") -> None:
         """Stop the server and wait for it to be gone.
@@ -259,49 +280,40 @@ class PrivatePostgres:
         sig = _PG_STOP_SIGNALS.get(mode)
         if sig is None:
             raise ValueError(f"mode must be one of {sorted(_PG_STOP_SIGNALS)}, not {mode!r}")
-        if self._proc is not None:
-            _kill_child(self._proc, sig)
-            self._proc = None
+        self._stop_with(sig)
 
     def restart(self, mode: str = "immediate") -> None:
         self.stop(mode)
         self.start()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
+    @staticmethod
+    def _url_for(port: int) -> str:
+        return _pg_url(port)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop("fast")
+    def _prepare(self) -> None:
+        self._account = _pg_account(self._root)
+        _pg_log(self._root, self._account)
+        _initdb(self._data, self._log, self._account, private=True)
+        # After a "kill", backends may outlive the postmaster for a moment; postgres would refuse
+        # to start while they still hold the old shared memory.
+        _wait_until_vacated(self._data, self._log)
 
-    def _spawn(self, account: _Account | None) -> tuple[subprocess.Popen[bytes] | None, bool]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes] | None, bool]:
+        port, data, log = self._port, self._data, self._log
         # The postmaster runs as our direct child (not via pg_ctl) so that stop() can send the
         # exact signal for each shutdown mode and reap it with wait().
-        offset = _log_size(self._log)
-        with open(self._log, "ab") as log:
-            proc = subprocess.Popen(
-                [str(_pg_bin("postgres")), "-D", str(self._data), "-p", str(self._port)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_pg_env(),
-                start_new_session=True,
-                **_account_kwargs(account),
-            )
-        _track_child(proc, private=True)
-        try:
-            _wait_postgres(self._port, self._data, self._log, alive=lambda: proc.poll() is None)
-        except EmbeddedServerError:
-            _kill_child(proc, signal.SIGQUIT)
-            if _ADDR_IN_USE in _log_since(self._log, offset):
-                return None, True
-            raise
-        return proc, False
+        return _spawn_child(
+            [str(_pg_bin("postgres")), "-D", str(data), "-p", str(port)],
+            log,
+            ready=lambda proc: _wait_postgres(port, data, log, alive=lambda: proc.poll() is None),
+            kill_signal=_PG_STOP_SIGNALS["immediate"],
+            private=True,
+            env=_pg_env(),
+            account=self._account,
+        )
+
+    def _on_started(self) -> None:
+        _create_database(self._port)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,26 +535,18 @@ def _pg_env() -> dict[str, str]:
 
 
 def _wait_postgres(port: int, data: Path, log: Path, *, alive: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last_error: object = None
-    while True:
+    def not_ready() -> str | None:
         try:
             with psycopg.connect(_pg_dsn(port, "postgres"), connect_timeout=2) as conn:
                 # Another server on that port would answer while ours fails to bind.
                 row = conn.execute("SHOW data_directory").fetchone()
-                if row is not None and Path(row[0]) == data:
-                    return
-                last_error = f"port {port} is served by another cluster ({row})"
         except psycopg.Error as exc:
-            last_error = exc
-        if not alive():
-            raise EmbeddedServerError(f"postgres on port {port} exited during startup", log)
-        if time.monotonic() > deadline:
-            raise EmbeddedServerError(
-                f"postgres on port {port} not ready after {START_TIMEOUT_S:.0f}s: {last_error}",
-                log,
-            )
-        time.sleep(_POLL_S)
+            return str(exc)
+        if row is not None and Path(row[0]) == data:
+            return None
+        return f"port {port} is served by another cluster ({row})"
+
+    _wait_ready("postgres", port, log, not_ready, alive=alive)
 
 
 def _create_database(port: int) -> None:
@@ -619,55 +623,32 @@ def _start_redis(
         "--save", "",  # no RDB snapshots: the embedded server relies on the append-only file
         "--appendonly", "yes" if persistent else "no",
     ]  # fmt: skip
-    offset = _log_size(log)
-    with open(log, "ab") as out:
-        # Not --daemonize: as our child it reports an early exit (port taken) at once, and the
-        # new session keeps it alive, untouched by Ctrl-C, after this process exits.
-        proc = subprocess.Popen(
-            args,
-            cwd=directory,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _track_child(proc, private=not persistent)
-    try:
-        _wait_redis(port, proc.pid, log, alive=lambda: proc.poll() is None)
-    except EmbeddedServerError:
-        _kill_child(proc, signal.SIGKILL)
-        if _ADDR_IN_USE in _log_since(log, offset):
-            return None, True
-        raise
-    return proc, False
+    return _spawn_child(
+        args,
+        log,
+        ready=lambda proc: _wait_redis(port, proc.pid, log, alive=lambda: proc.poll() is None),
+        kill_signal=signal.SIGKILL,
+        private=not persistent,
+        cwd=directory,
+    )
 
 
 def _wait_redis(port: int, pid: int, log: Path, *, alive: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last_error: object = None
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=2)
-    try:
-        while True:
-            try:
-                # Another server on that port would answer while ours fails to bind; and PING
-                # (unlike INFO) fails with LOADING while the append-only file is replayed.
-                answering = int(client.info("server")["process_id"])
-                if answering == pid and client.ping():
-                    return
-                last_error = f"port {port} is served by another process (pid {answering})"
-            except redis.RedisError as exc:
-                last_error = exc
-            if not alive():
-                raise EmbeddedServerError(f"redis-server on port {port} exited during startup", log)
-            if time.monotonic() > deadline:
-                raise EmbeddedServerError(
-                    f"redis-server on port {port} not ready after {START_TIMEOUT_S:.0f}s: "
-                    f"{last_error}",
-                    log,
-                )
-            time.sleep(_POLL_S)
-    finally:
-        client.close()
+
+    def not_ready() -> str | None:
+        try:
+            # Another server on that port would answer while ours fails to bind; and PING
+            # (unlike INFO) fails with LOADING while the append-only file is replayed.
+            answering = int(client.info("server")["process_id"])
+            if answering == pid and client.ping():
+                return None
+        except redis.RedisError as exc:
+            return str(exc)
+        return f"port {port} is served by another process (pid {answering})"
+
+    with client:
+        _wait_ready("redis-server", port, log, not_ready, alive=alive)
 
 
 def _redis_process_id(port: int) -> int | None:
@@ -721,6 +702,65 @@ def _track_child(proc: subprocess.Popen[bytes], *, private: bool) -> None:
     _children[proc.pid] = proc
     if private:
         _private_children.add(proc.pid)
+
+
+def _spawn_child(
+    args: list[str],
+    log: Path,
+    *,
+    ready: Callable[[subprocess.Popen[bytes]], None],
+    kill_signal: signal.Signals,
+    private: bool,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    account: _Account | None = None,
+) -> tuple[subprocess.Popen[bytes] | None, bool]:
+    """Start a server as our child, logging to log, and wait until ready(proc) returns:
+    (process, False) then; (None, port_was_taken) if it failed for want of its port."""
+    offset = _log_size(log)
+    with open(log, "ab") as out:
+        # Not daemonized: as our child it reports an early exit (port taken) at once, and the
+        # new session keeps it alive, untouched by Ctrl-C, after this process exits.
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            **_account_kwargs(account),
+        )
+    _track_child(proc, private=private)
+    try:
+        ready(proc)
+    except EmbeddedServerError:
+        _kill_child(proc, kill_signal)
+        if _ADDR_IN_USE in _log_since(log, offset):
+            return None, True
+        raise
+    return proc, False
+
+
+def _wait_ready(
+    server: str,
+    port: int,
+    log: Path,
+    not_ready: Callable[[], str | None],
+    *,
+    alive: Callable[[], bool],
+) -> None:
+    """Poll until not_ready() returns None (our server answers) rather than the reason it is not;
+    give up once alive() turns false or after START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (reason := not_ready()) is not None:
+        if not alive():
+            raise EmbeddedServerError(f"{server} on port {port} exited during startup", log)
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(
+                f"{server} on port {port} not ready after {START_TIMEOUT_S:.0f}s: {reason}", log
+            )
+        time.sleep(_POLL_S)
 
 
 def _kill_child(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
