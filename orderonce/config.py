@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -50,6 +51,12 @@ class Settings(BaseSettings):
     too_early_backoff_max_s: float = 60.0
     lock_busy_countdown_s: float = 1.0
     poison_max_retries: int = 5
+
+    # A new order matching another live order of the same customer (same lines, total,
+    # currency and address) submitted within this window is a suspected duplicate, and is
+    # held for a person (hold), refused (reject) or taken as it is (allow).
+    duplicate_policy: Literal["hold", "reject", "allow"] = "hold"
+    duplicate_window_s: int = 600
 
 
 def check_safety(s: Settings) -> None:

@@ -71,24 +71,24 @@ class Progress:
 
 
 def _count_run(engine: Engine, stream: DemoStream) -> dict[str, int]:
+    """This run's events by outcome, and the duplicate deliveries they had."""
     with engine.connect() as conn:
-        row = conn.execute(
+        rows = conn.execute(
             text(
-                "SELECT count(*) FILTER (WHERE outcome = 'applied'),"
-                " count(*) FILTER (WHERE outcome = 'rejected'),"
-                " coalesce(sum(duplicates), 0),"
-                " (SELECT count(*) FROM dead_letters WHERE source LIKE :prefix)"
-                " FROM processed_messages WHERE source LIKE :prefix"
+                "SELECT outcome, count(*), coalesce(sum(duplicates), 0),"
+                " coalesce(sum(redeliveries), 0)"
+                " FROM processed_messages WHERE source LIKE :prefix GROUP BY outcome"
             ),
             {"prefix": stream.sources_prefix + "%"},
-        ).one()
-    applied, rejected, duplicates, dead = (int(v) for v in row)
-    return {
-        "applied": applied,
-        "rejected": rejected,
-        "duplicates": duplicates,
-        "dead_lettered": dead,
-    }
+        ).all()
+    counts = dict.fromkeys(("applied", "rejected", "duplicate", "deferred", "dead_lettered"), 0)
+    counts |= {"settled": 0, "duplicates": 0, "redeliveries": 0}
+    for outcome, n, duplicates, redeliveries in rows:
+        counts[outcome] = int(n)
+        counts["settled"] += int(n)
+        counts["duplicates"] += int(duplicates)
+        counts["redeliveries"] += int(redeliveries)
+    return counts
 
 
 def _live_view(
@@ -97,12 +97,11 @@ def _live_view(
     table = Table(title=f"orderonce demo — run {stream.run}", show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
-    settled = counts["applied"] + counts["rejected"] + counts["dead_lettered"]
-    handled = settled + counts["duplicates"]
+    handled = counts["settled"] + counts["duplicates"]
     table.add_row("published", f"{progress.published:,} / {progress.total:,}")
     table.add_row("applied", f"{counts['applied']:,}")
     table.add_row("rejected", f"{counts['rejected']:,}")
-    table.add_row("duplicates suppressed", f"{counts['duplicates']:,}")
+    table.add_row("duplicates suppressed", f"{counts['duplicates'] + counts['duplicate']:,}")
     table.add_row("dead-lettered", f"{counts['dead_lettered']:,}")
     table.add_row("in flight", f"{max(0, progress.published - handled):,}")
     table.add_row("workers alive", f"{sum(w.alive() for w in workers)} / {len(workers)}")
@@ -161,7 +160,7 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
         try:
             while True:
                 counts = _count_run(engine, stream)
-                settled = counts["applied"] + counts["rejected"] + counts["dead_lettered"]
+                settled = counts["settled"]
                 if not killed and settled >= stream.unique_events * 0.4:
                     victim = workers[0]
                     victim.kill()
@@ -176,7 +175,7 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
                 if (
                     progress.done_publishing
                     and settled >= stream.unique_events
-                    and counts["duplicates"] >= stream.producer_retries
+                    and counts["duplicates"] - counts["redeliveries"] >= stream.producer_retries
                 ):
                     break
                 if time.monotonic() > deadline:
@@ -209,64 +208,87 @@ def _report(
     engine: Engine, stream: DemoStream, elapsed: float, opts: Options, progress: Progress
 ) -> dict[str, Any]:
     prefix = stream.sources_prefix + "%"
+    counts = _count_run(engine, stream)
     with engine.connect() as conn:
-        counts = _count_run(engine, stream)
 
         def pairs(sql: str, **params: Any) -> dict[str, int]:
             return {str(k): int(v) for k, v in conn.execute(text(sql), params).all()}
 
-        rejected = pairs(
-            "SELECT split_part(reason, ':', 1), count(*) FROM processed_messages"
-            " WHERE source LIKE :p AND outcome = 'rejected' GROUP BY 1 ORDER BY 1",
+        reasons = pairs(
+            "SELECT outcome || ':' || split_part(coalesce(reason, ''), ':', 1), count(*)"
+            " FROM processed_messages WHERE source LIKE :p AND outcome <> 'applied'"
+            " GROUP BY 1 ORDER BY 1",
             p=prefix,
         )
-        by_status = pairs(
-            "SELECT status, count(*) FROM orders WHERE order_id LIKE :p GROUP BY 1 ORDER BY 1",
-            p=f"{stream.run}-%",
+        status: dict[str, str] = dict(
+            conn.execute(
+                text("SELECT order_id, status FROM orders WHERE order_id LIKE :p"),
+                {"p": f"{stream.run}-%"},
+            ).all()
         )
         dead = pairs(
             "SELECT reason, count(*) FROM dead_letters WHERE source LIKE :p GROUP BY 1", p=prefix
         )
         checks = reports.verify(conn)
-    settled = counts["applied"] + counts["rejected"] + counts["dead_lettered"]
-    redeliveries = counts["duplicates"] - stream.producer_retries
+    by_status: dict[str, int] = {}
+    for s in status.values():
+        by_status[s] = by_status.get(s, 0) + 1
+    same_key = reasons.get("duplicate:same_key", 0)
+    # A double click is caught when one of the two orders is held (either may have been
+    # handled first), or when the first was refused anyway (out of stock: nothing to repeat).
+    caught = sum(
+        "on_hold" in (status.get(twin), status.get(first))
+        or "rejected" in (status.get(twin), status.get(first))
+        for twin, first in stream.double_clicks
+    )
     run_checks = [
         reports.Check(
             "every_event_settled",
-            settled == stream.unique_events,
-            f"{settled:,} of {stream.unique_events:,} unique events have a terminal record",
+            counts["settled"] == stream.unique_events,
+            f"{counts['settled']:,} of {stream.unique_events:,} unique events have a terminal "
+            "record",
         ),
         reports.Check(
             "every_copy_suppressed",
-            redeliveries >= 0,
-            f"{counts['duplicates']:,} duplicate deliveries for "
-            f"{stream.producer_retries:,} copies published",
+            counts["duplicates"] - counts["redeliveries"] == stream.producer_retries,
+            f"{counts['duplicates'] - counts['redeliveries']:,} duplicate copies recognised for "
+            f"{stream.producer_retries:,} published",
         ),
         reports.Check(
-            "double_submits_caught",
-            rejected.get("order_exists", 0) == stream.double_submits,
-            f"{rejected.get('order_exists', 0)} of {stream.double_submits} second "
-            "submissions of an order rejected",
+            "checkout_retries_caught",
+            same_key == stream.checkout_retries,
+            f"{same_key} of {stream.checkout_retries} resubmitted checkouts found by their "
+            "idempotency key",
+        ),
+        reports.Check(
+            "double_clicks_caught",
+            caught == len(stream.double_clicks),
+            f"{caught} of {len(stream.double_clicks)} orders placed twice held or refused",
         ),
     ]
     all_checks = run_checks + checks
     return {
         "run": stream.run,
         "seconds": round(elapsed, 1),
-        "events_per_second": round((len(stream.publications) + len(stream.restocks)) / elapsed),
         "orders": opts.orders,
+        "orders_placed_twice": len(stream.double_clicks),
         "workers": opts.workers,
         "events_published": len(stream.restocks) + len(stream.publications),
         "unique_events": stream.unique_events,
         "applied": counts["applied"],
-        "rejected": rejected,
-        "duplicates_suppressed": {
-            "producer_retry": stream.producer_retries,
-            "redelivery": max(0, redeliveries),
-            "same_order_submitted_twice": rejected.get("order_exists", 0),
+        "rejected": {
+            k.split(":", 1)[1]: v for k, v in reasons.items() if k.startswith("rejected:")
         },
+        "duplicates_suppressed": {
+            "producer_retry": counts["duplicates"] - counts["redeliveries"],
+            "redelivery": counts["redeliveries"],
+            "same_idempotency_key": same_key,
+            "same_order_id": reasons.get("duplicate:same_order_id", 0),
+            "fingerprint_held": by_status.get("on_hold", 0),
+        },
+        "deferred_until_release": counts["deferred"],
         "dead_lettered": dead,
-        "orders_by_status": by_status,
+        "orders_by_status": dict(sorted(by_status.items())),
         "chaos": [c.replace("[red]", "").replace("[/]", "") for c in progress.chaos],
         "checks": [c.__dict__ for c in all_checks],
         "ok": all(c.ok for c in all_checks),
@@ -287,6 +309,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_row(f"duplicates suppressed: {cause.replace('_', ' ')}", f"{n:,}")
     for reason, n in report["rejected"].items():
         table.add_row(f"rejected: {reason.replace('_', ' ')}", f"{n:,}")
+    table.add_row("follow-ups deferred (order held)", f"{report['deferred_until_release']:,}")
     table.add_row("dead-lettered", f"{sum(report['dead_lettered'].values()):,}")
     for status, n in report["orders_by_status"].items():
         table.add_row(f"orders {status}", f"{n:,}")

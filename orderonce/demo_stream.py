@@ -15,7 +15,7 @@ from typing import Any, Literal
 from producers.publisher import build_event, to_json
 from schemas import CloudEvent
 
-Kind = Literal["event", "producer_retry", "double_submit"]
+Kind = Literal["event", "producer_retry", "checkout_retry", "double_click"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,12 @@ class DemoStream:
     def producer_retries(self) -> int:
         return sum(p.kind == "producer_retry" for p in self.publications)
 
+    # (second order id, first order id) of customers who placed one order twice
+    double_clicks: list[tuple[str, str]] = field(default_factory=list)
+
     @property
-    def double_submits(self) -> int:
-        return sum(p.kind == "double_submit" for p in self.publications)
+    def checkout_retries(self) -> int:
+        return sum(p.kind == "checkout_retry" for p in self.publications)
 
     @property
     def sources_prefix(self) -> str:
@@ -64,7 +67,12 @@ def build_stream(run: str, orders: int, duplicate_rate: float, seed: int = 1) ->
     src = {name: f"demo/{run}/{name}" for name in ("warehouse", "checkout", "payments")}
 
     def event(
-        type_: str, data: dict[str, Any], source: str, at: float, subject: str | None = None
+        type_: str,
+        data: dict[str, Any],
+        source: str,
+        at: float,
+        subject: str | None = None,
+        key: str | None = None,
     ) -> CloudEvent:
         return build_event(
             type_,
@@ -72,6 +80,7 @@ def build_stream(run: str, orders: int, duplicate_rate: float, seed: int = 1) ->
             source=src[source],
             subject=subject,
             time=start + timedelta(milliseconds=at),
+            idempotency_key=key,
         )
 
     demand = 5 * orders // len(SKUS) + 20  # ample: only the limited item runs out
@@ -101,15 +110,31 @@ def build_stream(run: str, orders: int, duplicate_rate: float, seed: int = 1) ->
         total = sum((price * qty for _, qty, price in lines), start=Decimal("0.00"))
         items = [{"sku": s, "quantity": q, "unit_price": f"{p:.2f}"} for s, q, p in lines]
         data = {
-            "customer_id": f"C-{rng.randint(1, orders // 3 + 1):05d}",
+            "customer_id": f"C-{rng.randint(1, orders // 2 + 1):05d}",
             "currency": "EUR",
             "items": items,
         }
-        add(at, event("order.created", data, "checkout", at, order_id))
-        if rng.random() < 0.03:
-            # The customer pressed "submit" twice: a new message for the same order.
+        key = f"checkout-{order_id}"  # the checkout session's token
+        add(at, event("order.created", data, "checkout", at, order_id, key))
+        doubled = rng.random()
+        if doubled < 0.02:
+            # The shop's client timed out and submitted the checkout again: a new message.
             again = at + rng.uniform(0.1, 3)
-            add(again, event("order.created", data, "checkout", again, order_id), "double_submit")
+            add(
+                again,
+                event("order.created", data, "checkout", again, order_id, key),
+                "checkout_retry",
+            )
+        elif doubled < 0.04:
+            # The customer clicked "buy" twice and got two order numbers for one order.
+            again = at + rng.uniform(2, 10)
+            twin = f"{order_id}-2"
+            add(
+                again,
+                event("order.created", data, "checkout", again, twin, f"{key}-2"),
+                "double_click",
+            )
+            stream.double_clicks.append((twin, order_id))
         fate = rng.random()
         money = {"amount": f"{total:.2f}", "currency": "EUR"}
         t = at + rng.uniform(1, 40)

@@ -20,8 +20,11 @@ from schemas.events import (
     OrderPaidEvent,
     OrderRefunded,
     OrderRefundedEvent,
+    OrderReleased,
+    OrderReleasedEvent,
     OrderShipped,
     OrderShippedEvent,
+    ShippingAddress,
 )
 from schemas.parsing import BadEvent, parse_event, payload_hash
 
@@ -42,8 +45,11 @@ __all__ = [
     "OrderPaidEvent",
     "OrderRefunded",
     "OrderRefundedEvent",
+    "OrderReleased",
+    "OrderReleasedEvent",
     "OrderShipped",
     "OrderShippedEvent",
+    "ShippingAddress",
     "parse_event",
     "payload_hash",
 ]

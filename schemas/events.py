@@ -35,6 +35,7 @@ EventType = Literal[
     "order.cancelled",
     "order.shipped",
     "order.refunded",
+    "order.released",
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 
@@ -89,10 +90,20 @@ class LineItem(_Data):
     unit_price: Money
 
 
+class ShippingAddress(_Data):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    line1: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    line2: Annotated[str, StringConstraints(max_length=200)] | None = None
+    postal_code: Annotated[str, StringConstraints(min_length=1, max_length=20)]
+    city: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
+
+
 class OrderCreated(_Data):
     customer_id: Identifier
     currency: Currency
     items: Annotated[list[LineItem], Field(min_length=1, max_length=100)]
+    shipping_address: ShippingAddress | None = None
 
     @model_validator(mode="after")
     def _check(self) -> OrderCreated:
@@ -124,6 +135,12 @@ class OrderRefunded(_Data):
     refund_id: Identifier
     amount: PositiveMoney
     currency: Currency
+
+
+class OrderReleased(_Data):
+    """An operator's decision that a held order (a suspected duplicate) is genuine."""
+
+    reason: ShortText
 
 
 def _timestamp_string(value: Any) -> Any:
@@ -190,12 +207,18 @@ class OrderRefundedEvent(_OrderEnvelope):
     data: OrderRefunded
 
 
+class OrderReleasedEvent(_OrderEnvelope):
+    type: Literal["order.released"]
+    data: OrderReleased
+
+
 OrderEvent = (
     OrderCreatedEvent
     | OrderPaidEvent
     | OrderCancelledEvent
     | OrderShippedEvent
-    | (OrderRefundedEvent)
+    | OrderRefundedEvent
+    | OrderReleasedEvent
 )
 CloudEvent = Annotated[InventoryRestockedEvent | OrderEvent, Field(discriminator="type")]
 CLOUD_EVENT: TypeAdapter[CloudEvent] = TypeAdapter(CloudEvent)

@@ -23,6 +23,7 @@ from schemas.events import (
     OrderCreatedEvent,
     OrderPaidEvent,
     OrderRefundedEvent,
+    OrderReleasedEvent,
     OrderShippedEvent,
 )
 
@@ -37,6 +38,7 @@ ENVELOPES: tuple[type[BaseModel], ...] = (
     OrderCancelledEvent,
     OrderShippedEvent,
     OrderRefundedEvent,
+    OrderReleasedEvent,
 )
 
 

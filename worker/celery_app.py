@@ -54,11 +54,7 @@ def process_event(self: Task, body: str) -> dict[str, Any]:
     retries = self.request.retries or 0
     try:
         outcome = exactly_once.process(
-            raw,
-            engine=rt.engine,
-            locks=rt.locks,
-            max_body_bytes=s.max_body_bytes,
-            db_attempts=s.db_retry_attempts,
+            raw, engine=rt.engine, locks=rt.locks, config=rt.config, message_id=self.request.id
         )
     except LockBusy as busy:
         raise _later(

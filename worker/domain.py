@@ -7,9 +7,12 @@ State machine::
        └──cancelled──▶ cancelled          refunded ◀── (from paid or shipped)
 
 Cancelling a paid order refunds it. ``rejected`` is where an order that could not be accepted
-(out of stock) stays. An event that needs a state which may still come (paid before created,
-shipped before paid) is *too early*; one that can never apply (shipped after cancelled) is
-*rejected* with a reason.
+(out of stock) stays. ``on_hold`` is a suspected duplicate submission waiting for an operator:
+``order.released`` turns it into ``created`` (reserving its stock then), ``order.cancelled``
+ends it; its other follow-ups are *deferred* until one of the two happens.
+
+An event that needs a state which may still come (paid before created, shipped before paid)
+is *too early*; one that can never apply (shipped after cancelled) is *rejected* with a reason.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from schemas.events import (
     OrderEvent,
     OrderPaidEvent,
     OrderRefundedEvent,
+    OrderReleasedEvent,
     OrderShippedEvent,
 )
 
 
 class Status(StrEnum):
+    ON_HOLD = "on_hold"
     CREATED = "created"
     PAID = "paid"
     SHIPPED = "shipped"
@@ -58,6 +63,7 @@ class Leg:
 @dataclass(frozen=True)
 class Transition:
     status: Status
+    reserve_stock: bool = False  # the order's units are reserved now (a released hold)
     release_stock: bool = False  # reserved units go back to available
     ship_stock: bool = False  # reserved units leave the warehouse
     legs: tuple[Leg, ...] = ()
@@ -73,7 +79,14 @@ class TooEarly:
     reason: str
 
 
-Decision = Transition | Rejected | TooEarly
+@dataclass(frozen=True)
+class Deferred:
+    """Kept, unapplied, until its order leaves ``on_hold``."""
+
+    reason: str
+
+
+Decision = Transition | Rejected | TooEarly | Deferred
 
 
 def payment_legs(amount: Decimal) -> tuple[Leg, ...]:
@@ -99,6 +112,13 @@ def decide(order: Order | None, event: OrderEvent) -> Decision:
     status = order.status
     if status is Status.REJECTED:
         return Rejected(f"order_rejected: {event.type} on an order that was never accepted")
+    if status is Status.ON_HOLD:
+        match event:
+            case OrderReleasedEvent():
+                return Transition(Status.CREATED, reserve_stock=True)
+            case OrderCancelledEvent():
+                return Transition(Status.CANCELLED)  # nothing was reserved or paid yet
+        return Deferred("order_on_hold")
     match event:
         case OrderPaidEvent(data=paid):
             if status is Status.CREATED:

@@ -24,10 +24,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, literal, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Connection, Engine
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -36,15 +36,24 @@ from tenacity import (
 )
 
 from schemas import BadEvent, CloudEvent, parse_event, payload_hash
-from worker import dead_letters, effects
+from worker import dead_letters, effects, processed
 from worker.db import is_transient
 from worker.failpoints import failpoint
 from worker.locks import EventLocks
-from worker.tables import processed_messages
+from worker.results import Applied, Conflict, Deferred, Duplicate, Rejected, Result
+from worker.submissions import Policy
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["applied", "rejected", "duplicate", "dead_lettered"]
+Kind = Literal["applied", "rejected", "duplicate", "deferred", "dead_lettered"]
+
+
+@dataclass(frozen=True)
+class Config:
+    max_body_bytes: int = 256 * 1024
+    db_attempts: int = 5
+    duplicate_policy: Policy = "hold"
+    duplicate_window: timedelta = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Outcome:
     event_id: str | None = None
     order_id: str | None = None
     reason: str | None = None
+    duplicate_of: str | None = None
 
 
 def process(
@@ -60,23 +70,29 @@ def process(
     *,
     engine: Engine,
     locks: EventLocks,
-    max_body_bytes: int,
-    db_attempts: int = 5,
+    config: Config = Config(),  # frozen, so one shared default is safe
+    message_id: str | None = None,
 ) -> Outcome:
-    """Apply one message exactly once. Raises LockBusy or NotYetApplicable to ask for a retry,
-    or a database error once ``db_attempts`` transient failures are used up."""
+    """Apply one message exactly once. ``message_id`` names the broker message (Celery task
+    id), to tell redeliveries from producers' copies. Raises LockBusy or NotYetApplicable to
+    ask for a retry, or a database error once ``config.db_attempts`` transient failures are
+    used up."""
     started = time.perf_counter()
     try:
-        event = parse_event(body, max_body_bytes)
+        event = parse_event(body, config.max_body_bytes)
     except BadEvent as bad:
-        _db_retrying(db_attempts)(dead_letters.record_now, engine, body, bad.reason, bad.detail)
+        _db_retrying(config.db_attempts)(
+            dead_letters.record_now, engine, body, bad.reason, bad.detail
+        )
         return Outcome("dead_lettered", reason=bad.reason)
 
     order_id = getattr(event, "subject", None)
     failpoint("before_lock")
     lock = locks.acquire(event.source, event.id, order_id)
     try:
-        outcome = _db_retrying(db_attempts)(_commit_once, engine, event, body)
+        outcome = _db_retrying(config.db_attempts)(
+            _commit_once, engine, event, body, message_id, config
+        )
     finally:
         locks.release(lock, event.id, order_id)
     failpoint("after_commit")
@@ -104,61 +120,63 @@ def _db_retrying(attempts: int) -> Retrying:
     )
 
 
-def _commit_once(engine: Engine, event: CloudEvent, body: bytes) -> Outcome:
+def _commit_once(
+    engine: Engine, event: CloudEvent, body: bytes, message_id: str | None, config: Config
+) -> Outcome:
     digest = payload_hash(event)
-    order_id = getattr(event, "subject", None)
     with engine.begin() as conn:
-        if not _claim(conn, event, digest):
-            return _duplicate(conn, event, digest, body)
-        result = effects.apply_event(conn, event)  # NotYetApplicable rolls back the claim too
-        if isinstance(result, effects.Rejected):
-            _set_outcome(conn, event, "rejected", result.reason)
-            outcome = Outcome("rejected", event.id, order_id, result.reason)
-        else:
-            if result.reason:
-                _set_outcome(conn, event, "applied", result.reason)
-            outcome = Outcome("applied", event.id, order_id, result.reason)
+        if not processed.claim(conn, event, digest, message_id):
+            return _duplicate_delivery(conn, event, digest, body, message_id)
+        # NotYetApplicable raised here rolls back the claim too: the event stays unprocessed.
+        result = effects.apply_event(
+            conn,
+            event,
+            duplicate_policy=config.duplicate_policy,
+            duplicate_window=config.duplicate_window,
+        )
+        outcome = _record(conn, event, body, result)
         failpoint("before_commit")
     return outcome
 
 
-def _claim(conn: Connection, event: CloudEvent, digest: str) -> bool:
-    """Insert the processed row; False if this event already has one (committed or in flight:
-    the insert then waits for the other transaction and conflicts if it commits)."""
-    claimed = conn.execute(
-        insert(processed_messages)
-        .values(
-            source=event.source,
-            event_id=event.id,
-            event_type=event.type,
-            subject=getattr(event, "subject", None),
-            payload_hash=digest,
-            outcome="applied",
-        )
-        .on_conflict_do_nothing(index_elements=["source", "event_id"])
-        .returning(literal(1))
-    ).first()
-    return claimed is not None
-
-
-def _set_outcome(conn: Connection, event: CloudEvent, outcome: str, reason: str | None) -> None:
-    conn.execute(
-        update(processed_messages)
-        .where(processed_messages.c.source == event.source)
-        .where(processed_messages.c.event_id == event.id)
-        .values(outcome=outcome, reason=reason)
-    )
-
-
-def _duplicate(conn: Connection, event: CloudEvent, digest: str, body: bytes) -> Outcome:
+def _record(conn: Connection, event: CloudEvent, body: bytes, result: Result) -> Outcome:
+    """Store what the event came to on its processed row (inserted as 'applied')."""
     order_id = getattr(event, "subject", None)
-    prior = conn.execute(
-        update(processed_messages)
-        .where(processed_messages.c.source == event.source)
-        .where(processed_messages.c.event_id == event.id)
-        .values(duplicates=processed_messages.c.duplicates + 1)
-        .returning(processed_messages.c.payload_hash)
-    ).scalar_one()
+    match result:
+        case Applied(reason, duplicate_of):
+            if reason or duplicate_of:
+                processed.set_outcome(conn, event.source, event.id, "applied", reason, duplicate_of)
+            return Outcome("applied", event.id, order_id, reason, duplicate_of)
+        case Rejected(reason, duplicate_of):
+            processed.set_outcome(conn, event.source, event.id, "rejected", reason, duplicate_of)
+            return Outcome("rejected", event.id, order_id, reason, duplicate_of)
+        case Duplicate(cause, original):
+            processed.set_outcome(conn, event.source, event.id, "duplicate", cause, original)
+            return Outcome("duplicate", event.id, order_id, cause, original)
+        case Deferred(reason):
+            processed.set_outcome(conn, event.source, event.id, "deferred", reason)
+            return Outcome("deferred", event.id, order_id, reason)
+        case Conflict(reason, original, detail):
+            processed.set_outcome(conn, event.source, event.id, "dead_lettered", reason, original)
+            dead_letters.record(
+                conn,
+                body,
+                reason,
+                detail,
+                source=event.source,
+                event_id=event.id,
+                event_type=event.type,
+                subject=order_id,
+            )
+            return Outcome("dead_lettered", event.id, order_id, reason, original)
+    raise AssertionError(f"unhandled result {result!r}")  # pragma: no cover
+
+
+def _duplicate_delivery(
+    conn: Connection, event: CloudEvent, digest: str, body: bytes, message_id: str | None
+) -> Outcome:
+    order_id = getattr(event, "subject", None)
+    prior = processed.count_duplicate(conn, event, message_id)
     if prior != digest:
         # Same identity, different content: a producer reused an id. The first one won; the
         # second is kept for a human, since applying it could be exactly the wrong thing.
@@ -174,4 +192,4 @@ def _duplicate(conn: Connection, event: CloudEvent, digest: str, body: bytes) ->
             subject=order_id,
         )
         return Outcome("dead_lettered", event.id, order_id, "id_conflict")
-    return Outcome("duplicate", event.id, order_id)
+    return Outcome("duplicate", event.id, order_id, "redelivery_or_copy")

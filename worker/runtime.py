@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import redis
 from sqlalchemy import Engine
 
 from orderonce.config import Settings, resolve, settings
 from worker.db import make_engine
+from worker.exactly_once import Config
 from worker.locks import EventLocks, lock_client
 
 
@@ -22,6 +24,7 @@ class Runtime:
     engine: Engine
     redis: redis.Redis
     locks: EventLocks
+    config: Config
 
 
 _runtime: tuple[int, Runtime] | None = None
@@ -33,8 +36,13 @@ def runtime() -> Runtime:
         s = settings()
         urls = resolve()
         client = lock_client(urls.redis_url)
-        rt = Runtime(
-            s, make_engine(urls.database_url, s), client, EventLocks(client, s.lock_ttl_ms)
+        config = Config(
+            max_body_bytes=s.max_body_bytes,
+            db_attempts=s.db_retry_attempts,
+            duplicate_policy=s.duplicate_policy,
+            duplicate_window=timedelta(seconds=s.duplicate_window_s),
         )
+        engine = make_engine(urls.database_url, s)
+        rt = Runtime(s, engine, client, EventLocks(client, s.lock_ttl_ms), config)
         _runtime = (os.getpid(), rt)
     return _runtime[1]

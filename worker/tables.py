@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 
 metadata = MetaData(
@@ -47,11 +48,20 @@ processed_messages = Table(
     Column("payload_hash", Text, nullable=False),
     Column("outcome", Text, nullable=False),
     Column("reason", Text),
-    # Deliveries of this event after the one that took effect (redeliveries, producer retries).
+    # For a duplicate submission: the order it repeats.
+    Column("duplicate_of", Text),
+    # The broker message (Celery task id) that took effect. A later delivery of the same
+    # message is a redelivery; a different message with the same event is a producer's copy.
+    Column("message_id", Text),
+    # Deliveries of this event after the one that took effect, and how many were redeliveries.
     Column("duplicates", Integer, nullable=False, server_default="0"),
+    Column("redeliveries", Integer, nullable=False, server_default="0"),
     Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("source", "event_id"),
-    CheckConstraint("outcome IN ('applied', 'rejected')", name="outcome"),
+    CheckConstraint(
+        "outcome IN ('applied', 'rejected', 'duplicate', 'deferred', 'dead_lettered')",
+        name="outcome",
+    ),
     Index("ix_processed_messages_subject", "subject"),
 )
 
@@ -67,12 +77,41 @@ orders = Table(
     Column("version", Integer, nullable=False, server_default="1"),
     Column("created_by_source", Text, nullable=False),
     Column("created_by_event", Text, nullable=False),
+    # Duplicate-submission detection (worker/submissions.py).
+    Column("idempotency_source", Text),
+    Column("idempotency_key", Text),
+    Column("fingerprint", Text),
+    Column("submitted_at", DateTime(timezone=True)),
+    Column("duplicate_of", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(
-        "status IN ('created', 'paid', 'shipped', 'cancelled', 'refunded', 'rejected')",
+        "status IN ('on_hold', 'created', 'paid', 'shipped', 'cancelled', 'refunded', 'rejected')",
         name="status",
     ),
+    # One order per checkout: two submissions with one key cannot both insert, however close.
+    Index(
+        "uq_orders_idempotency",
+        "idempotency_source",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index("ix_orders_customer_fingerprint", "customer_id", "fingerprint"),
+)
+
+deferred_events = Table(
+    "deferred_events",
+    metadata,
+    # Follow-ups of a held order, kept until it is released or cancelled, then applied in
+    # event-time order (their processed row says 'deferred' meanwhile).
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("order_id", Text, nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("body", Text, nullable=False),
+    PrimaryKeyConstraint("source", "event_id"),
+    Index("ix_deferred_events_order_id", "order_id"),
 )
 
 order_lines = Table(

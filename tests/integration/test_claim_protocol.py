@@ -29,7 +29,7 @@ def _run(event: CloudEvent | bytes, engine: Engine, locks: EventLocks) -> exactl
     body = event if isinstance(event, bytes) else to_json(event).encode()
     while True:  # what Celery's retry does for a busy lock, minus the broker round trip
         try:
-            return exactly_once.process(body, engine=engine, locks=locks, max_body_bytes=262144)
+            return exactly_once.process(body, engine=engine, locks=locks)
         except LockBusy:
             time.sleep(0.01)
 

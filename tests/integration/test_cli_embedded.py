@@ -68,7 +68,7 @@ def test_cli_starts_reuses_and_stops_the_embedded_servers(state_dir: Path) -> No
         "make_engine; from worker.locks import EventLocks, lock_client; from worker import "
         "exactly_once; u = resolve(); print(exactly_once.process(sys.stdin.buffer.read(), "
         "engine=make_engine(u.database_url, settings()), locks=EventLocks(lock_client("
-        "u.redis_url), 5000), max_body_bytes=10000).kind)"
+        "u.redis_url), 5000)).kind)"
     )
     applied = subprocess.run(
         [sys.executable, "-c", code],

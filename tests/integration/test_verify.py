@@ -20,7 +20,7 @@ def _apply_some(db: Engine, redis_url: str) -> str:
         events.created(order, [("SKU-V", 2, "3.00")]),
         events.paid(order, "6.00"),
     ):
-        exactly_once.process(to_json(event).encode(), engine=db, locks=locks, max_body_bytes=262144)
+        exactly_once.process(to_json(event).encode(), engine=db, locks=locks)
     return order
 
 

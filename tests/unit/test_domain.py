@@ -17,10 +17,12 @@ from schemas.events import (
     OrderEvent,
     OrderPaidEvent,
     OrderRefundedEvent,
+    OrderReleasedEvent,
     OrderShippedEvent,
 )
 from worker.domain import (
     Decision,
+    Deferred,
     Leg,
     Order,
     Rejected,
@@ -37,7 +39,13 @@ from worker.domain import (
 
 TOTAL = Decimal("25.99")
 CURRENCY = "EUR"
-FOLLOW_UPS = ("order.paid", "order.cancelled", "order.shipped", "order.refunded")
+FOLLOW_UPS = (
+    "order.paid",
+    "order.cancelled",
+    "order.shipped",
+    "order.refunded",
+    "order.released",
+)
 _ENVELOPE: dict[str, Any] = {
     "specversion": "1.0",
     "source": "urn:test:producer",
@@ -80,7 +88,14 @@ def shipped() -> OrderShippedEvent:
     )
 
 
+def released() -> OrderReleasedEvent:
+    return OrderReleasedEvent.model_validate(
+        {**_ENVELOPE, "id": "evt-released", "type": "order.released", "data": {"reason": "ok"}}
+    )
+
+
 EVENTS: dict[str, Callable[[], OrderEvent]] = {
+    "order.released": released,
     "order.paid": paid,
     "order.cancelled": cancelled,
     "order.shipped": shipped,
@@ -118,6 +133,16 @@ EXPECTED: dict[tuple[Status | None, str], Decision | str] = {
     (Status.SHIPPED, "order.shipped"): INVALID,
     (Status.SHIPPED, "order.refunded"): Transition(Status.REFUNDED, legs=refund_legs(TOTAL)),
     **{(Status.CANCELLED, t): INVALID for t in FOLLOW_UPS},
+    # A held order (suspected duplicate): released or cancelled by a person; anything else
+    # waits, deferred, for that decision. Released is for held orders only.
+    (Status.ON_HOLD, "order.released"): Transition(Status.CREATED, reserve_stock=True),
+    (Status.ON_HOLD, "order.cancelled"): Transition(Status.CANCELLED),
+    (Status.ON_HOLD, "order.paid"): Deferred("order_on_hold"),
+    (Status.ON_HOLD, "order.shipped"): Deferred("order_on_hold"),
+    (Status.ON_HOLD, "order.refunded"): Deferred("order_on_hold"),
+    (Status.CREATED, "order.released"): INVALID,
+    (Status.PAID, "order.released"): INVALID,
+    (Status.SHIPPED, "order.released"): INVALID,
     **{(Status.REFUNDED, t): INVALID for t in FOLLOW_UPS},
 }
 

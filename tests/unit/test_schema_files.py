@@ -24,6 +24,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "order.cancelled": {"reason": "customer changed their mind"},
     "order.shipped": {"shipment_id": "ship-1"},
     "order.refunded": {"refund_id": "ref-1", "amount": "25.00", "currency": "EUR"},
+    "order.released": {"reason": "checked with the customer: two orders wanted"},
 }
 
 

@@ -1,0 +1,273 @@
+"""Order effects: creating orders (catching duplicate submissions) and moving them through the
+state machine of ``worker.domain``, with the stock and ledger effects each step implies.
+
+Runs inside the exactly-once transaction and never commits. An order's row is locked
+(``FOR UPDATE``) before it is read, and all ``order.created`` of one customer take a
+transaction-scoped advisory lock, so two submissions of one order handled at the same moment
+by two workers are judged one after the other, never both as "new".
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import Connection, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+
+from schemas.events import CloudEvent, OrderCreatedEvent, OrderEvent
+from schemas.parsing import canonical_json, parse_event
+from worker import domain, processed, stock, submissions
+from worker.errors import NotYetApplicable
+from worker.results import Applied, Conflict, Deferred, Duplicate, Rejected, Result
+from worker.tables import deferred_events, ledger_entries, order_lines, orders
+
+_o = orders.c
+
+
+def create_order(
+    conn: Connection, event: OrderCreatedEvent, *, policy: submissions.Policy, window: timedelta
+) -> Result:
+    data = event.data
+    digest = submissions.fingerprint(data)
+    conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+        {"k": f"orderonce/customer/{data.customer_id}"},
+    )
+    # Twice at most: if a concurrent submission with the same key or order id (possibly of
+    # another customer, so not under our lock) wins the insert, judging again sees it.
+    for _ in range(2):
+        verdict = submissions.judge(
+            digest,
+            same_key=_prior(
+                conn,
+                _o.idempotency_source == event.source,
+                _o.idempotency_key == event.idempotencykey,
+            )
+            if event.idempotencykey
+            else None,
+            same_order_id=_prior(conn, _o.order_id == event.order_id),
+            similar=_similar(conn, event, digest, window) if policy != "allow" else None,
+            policy=policy,
+        )
+        match verdict:
+            case submissions.Duplicate(cause, original):
+                return Duplicate(cause, original)
+            case submissions.Conflict(reason, original, original_fingerprint):
+                return Conflict(
+                    reason,
+                    original,
+                    f"order {original} has fingerprint "
+                    f"{original_fingerprint}; this submission has {digest}",
+                )
+            case submissions.SuspectRejected(original):
+                return Rejected(f"suspected_duplicate: same order as {original}", original)
+            case submissions.NewOrder(hold_of):
+                if _insert_order(conn, event, digest, hold_of):
+                    return _accept(conn, event, hold_of)
+    raise RuntimeError(f"order {event.order_id} neither inserted nor found")  # pragma: no cover
+
+
+def _prior(conn: Connection, *where: object) -> submissions.Prior | None:
+    row = conn.execute(select(_o.order_id, _o.fingerprint).where(*where)).first()  # type: ignore[arg-type]
+    return None if row is None else submissions.Prior(row.order_id, row.fingerprint)
+
+
+def _similar(
+    conn: Connection, event: OrderCreatedEvent, digest: str, window: timedelta
+) -> submissions.Prior | None:
+    # Event time, not processing time: a backlog must not turn a double click into two orders.
+    return _prior_ordered(
+        conn,
+        _o.customer_id == event.data.customer_id,
+        _o.fingerprint == digest,
+        _o.status.not_in(["cancelled", "rejected"]),
+        _o.submitted_at.between(event.time - window, event.time + window),
+        _o.order_id != event.order_id,
+    )
+
+
+def _prior_ordered(conn: Connection, *where: object) -> submissions.Prior | None:
+    row = conn.execute(
+        select(_o.order_id, _o.fingerprint).where(*where).order_by(_o.submitted_at).limit(1)  # type: ignore[arg-type]
+    ).first()
+    return None if row is None else submissions.Prior(row.order_id, row.fingerprint)
+
+
+def _insert_order(
+    conn: Connection, event: OrderCreatedEvent, digest: str, hold_of: str | None
+) -> bool:
+    data = event.data
+    inserted = conn.execute(
+        insert(orders)
+        .values(
+            order_id=event.order_id,
+            customer_id=data.customer_id,
+            currency=data.currency,
+            total=data.total,
+            status=domain.Status.ON_HOLD if hold_of else domain.Status.CREATED,
+            status_reason=f"suspected_duplicate: same order as {hold_of}" if hold_of else None,
+            created_by_source=event.source,
+            created_by_event=event.id,
+            idempotency_source=event.source if event.idempotencykey else None,
+            idempotency_key=event.idempotencykey,
+            fingerprint=digest,
+            submitted_at=event.time,
+            duplicate_of=hold_of,
+        )
+        # Any unique violation (order id, idempotency key) means someone else's submission won.
+        .on_conflict_do_nothing()
+        .returning(_o.order_id)
+    ).first()
+    if inserted is None:
+        return False
+    conn.execute(
+        order_lines.insert(),
+        [
+            {
+                "order_id": event.order_id,
+                "line_no": n,
+                "sku": i.sku,
+                "quantity": i.quantity,
+                "unit_price": i.unit_price,
+            }
+            for n, i in enumerate(data.items, start=1)
+        ],
+    )
+    return True
+
+
+def _accept(conn: Connection, event: OrderCreatedEvent, hold_of: str | None) -> Result:
+    if hold_of:
+        return Applied(f"held: suspected duplicate of {hold_of}", hold_of)
+    missing = stock.reserve(conn, event, event.order_id, domain.quantities_by_sku(event.data.items))
+    if missing:
+        reason = f"out_of_stock: {', '.join(missing)}"
+        _set_status(conn, event.order_id, domain.Status.REJECTED, reason)
+        return Applied(reason)
+    return Applied()
+
+
+def _set_status(
+    conn: Connection, order_id: str, status: domain.Status, reason: str | None = None
+) -> None:
+    conn.execute(
+        update(orders)
+        .where(_o.order_id == order_id)
+        .values(status=status, status_reason=reason, version=_o.version + 1, updated_at=func.now())
+    )
+
+
+def _load(conn: Connection, order_id: str) -> domain.Order | None:
+    row = conn.execute(
+        select(_o.status, _o.total, _o.currency).where(_o.order_id == order_id).with_for_update()
+    ).first()
+    return None if row is None else domain.Order(order_id, domain.Status(row[0]), row[1], row[2])
+
+
+def transition_order(conn: Connection, event: OrderEvent) -> Result:
+    order = _load(conn, event.order_id)
+    decision = domain.decide(order, event)
+    match decision:
+        case domain.TooEarly(reason):
+            raise NotYetApplicable(reason, event_id=event.id, order_id=event.order_id)
+        case domain.Rejected(reason):
+            return Rejected(reason)
+        case domain.Deferred(reason):
+            conn.execute(
+                insert(deferred_events).values(
+                    source=event.source,
+                    event_id=event.id,
+                    order_id=event.order_id,
+                    event_time=event.time,
+                    body=canonical_json(event).decode(),
+                )
+            )
+            return Deferred(reason)
+    assert order is not None and isinstance(decision, domain.Transition)
+    result = _apply(conn, event, order, decision)
+    _apply_deferred(conn, event.order_id)
+    return result
+
+
+def _apply(
+    conn: Connection, event: CloudEvent, order: domain.Order, decision: domain.Transition
+) -> Applied:
+    order_id = order.order_id
+    status = decision.status
+    reason = None
+    if decision.reserve_stock or decision.release_stock or decision.ship_stock:
+        quantities = _ordered_quantities(conn, order_id)
+        if decision.reserve_stock:
+            missing = stock.reserve(conn, event, order_id, quantities)
+            if missing:
+                status, reason = domain.Status.REJECTED, f"out_of_stock: {', '.join(missing)}"
+        else:
+            stock.move(
+                conn, event, "release" if decision.release_stock else "ship", quantities, order_id
+            )
+    _set_status(conn, order_id, status, reason)
+    if decision.legs:
+        conn.execute(
+            ledger_entries.insert(),
+            [
+                {
+                    "source": event.source,
+                    "event_id": event.id,
+                    "leg": leg.leg,
+                    "order_id": order_id,
+                    "account": leg.account,
+                    "amount": leg.amount,
+                    "currency": order.currency,
+                }
+                for leg in decision.legs
+            ],
+        )
+    return Applied(reason)
+
+
+def _ordered_quantities(conn: Connection, order_id: str) -> dict[str, int]:
+    rows = conn.execute(
+        select(order_lines.c.sku, func.sum(order_lines.c.quantity))
+        .where(order_lines.c.order_id == order_id)
+        .group_by(order_lines.c.sku)
+        .order_by(order_lines.c.sku)
+    )
+    return {sku: int(qty) for sku, qty in rows}
+
+
+def _apply_deferred(conn: Connection, order_id: str) -> None:
+    """Apply the held order's deferred follow-ups that its new state allows, oldest first.
+
+    Each takes effect under its own event id and its processed row turns from 'deferred' into
+    its real outcome, in this same transaction. Ones still too early stay deferred and are
+    tried again at the order's next change.
+    """
+    progress = True
+    while progress:
+        progress = False
+        rows = conn.execute(
+            select(deferred_events.c.source, deferred_events.c.event_id, deferred_events.c.body)
+            .where(deferred_events.c.order_id == order_id)
+            .order_by(
+                deferred_events.c.event_time, deferred_events.c.source, deferred_events.c.event_id
+            )
+        ).all()
+        for source, event_id, body in rows:
+            event = parse_event(body)
+            order = _load(conn, order_id)
+            decision = domain.decide(order, event)  # type: ignore[arg-type]
+            if isinstance(decision, domain.TooEarly | domain.Deferred):
+                continue
+            if isinstance(decision, domain.Rejected):
+                processed.set_outcome(conn, source, event_id, "rejected", decision.reason)
+            else:
+                assert order is not None
+                applied = _apply(conn, event, order, decision)
+                processed.set_outcome(conn, source, event_id, "applied", applied.reason)
+            conn.execute(
+                delete(deferred_events).where(
+                    deferred_events.c.source == source, deferred_events.c.event_id == event_id
+                )
+            )
+            progress = True
+            break  # the order changed: decide the rest against its new state

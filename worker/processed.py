@@ -1,0 +1,65 @@
+"""The processed-messages table: the record that makes an event take effect at most once."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, case, literal, update
+from sqlalchemy.dialects.postgresql import insert
+
+from schemas.events import CloudEvent
+from worker.tables import processed_messages
+
+_row = processed_messages.c
+
+
+def claim(conn: Connection, event: CloudEvent, digest: str, message_id: str | None) -> bool:
+    """Insert the event's row; False if it already has one (committed, or in flight: the insert
+    then waits for that transaction and conflicts if it commits)."""
+    claimed = conn.execute(
+        insert(processed_messages)
+        .values(
+            source=event.source,
+            event_id=event.id,
+            event_type=event.type,
+            subject=getattr(event, "subject", None),
+            payload_hash=digest,
+            outcome="applied",
+            message_id=message_id,
+        )
+        .on_conflict_do_nothing(index_elements=["source", "event_id"])
+        .returning(literal(1))
+    ).first()
+    return claimed is not None
+
+
+def set_outcome(
+    conn: Connection,
+    source: str,
+    event_id: str,
+    outcome: str,
+    reason: str | None = None,
+    duplicate_of: str | None = None,
+) -> None:
+    conn.execute(
+        update(processed_messages)
+        .where(_row.source == source, _row.event_id == event_id)
+        .values(outcome=outcome, reason=reason, duplicate_of=duplicate_of)
+    )
+
+
+def count_duplicate(conn: Connection, event: CloudEvent, message_id: str | None) -> str:
+    """Count another delivery of an event that already has its row; returns its payload hash.
+
+    The same broker message again is a redelivery; another message is a producer's copy.
+    """
+    redelivered = literal(message_id is not None) & (_row.message_id == message_id)
+    return str(
+        conn.execute(
+            update(processed_messages)
+            .where(_row.source == event.source, _row.event_id == event.id)
+            .values(
+                duplicates=_row.duplicates + 1,
+                redeliveries=_row.redeliveries + case((redelivered, 1), else_=0),
+            )
+            .returning(_row.payload_hash)
+        ).scalar_one()
+    )

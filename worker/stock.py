@@ -1,0 +1,92 @@
+"""Inventory effects: every change to a SKU's stock is a movement row carrying its event.
+
+Rows are locked in SKU order before they are read, so concurrent orders sharing SKUs serialise
+instead of deadlocking or overselling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from schemas.events import CloudEvent
+from worker import domain
+from worker.tables import inventory, inventory_movements
+
+# kind: (on_hand sign, reserved sign)
+MOVES = {"restock": (1, 0), "reserve": (0, 1), "release": (0, -1), "ship": (-1, -1)}
+
+
+def restock(conn: Connection, event: CloudEvent, sku: str, quantity: int) -> None:
+    conn.execute(
+        insert(inventory)
+        .values(sku=sku, on_hand=quantity, reserved=0)
+        .on_conflict_do_update(
+            index_elements=[inventory.c.sku], set_={"on_hand": inventory.c.on_hand + quantity}
+        )
+    )
+    _record(conn, event, "restock", {sku: quantity}, order_id=None)
+
+
+def lock(conn: Connection, skus: list[str]) -> dict[str, domain.Stock]:
+    rows = conn.execute(
+        select(inventory.c.sku, inventory.c.on_hand, inventory.c.reserved)
+        .where(inventory.c.sku.in_(skus))
+        .order_by(inventory.c.sku)
+        .with_for_update()
+    )
+    return {r.sku: domain.Stock(r.on_hand, r.reserved) for r in rows}
+
+
+def reserve(
+    conn: Connection, event: CloudEvent, order_id: str, wanted: Mapping[str, int]
+) -> list[str]:
+    """Reserve all of ``wanted`` or nothing; returns the SKUs that fell short."""
+    missing = domain.missing_stock(wanted, lock(conn, sorted(wanted)))
+    if not missing:
+        move(conn, event, "reserve", wanted, order_id)
+    return missing
+
+
+def move(
+    conn: Connection, event: CloudEvent, kind: str, quantities: Mapping[str, int], order_id: str
+) -> None:
+    on_hand_sign, reserved_sign = MOVES[kind]
+    lock(conn, sorted(quantities))
+    for sku, qty in sorted(quantities.items()):
+        conn.execute(
+            update(inventory)
+            .where(inventory.c.sku == sku)
+            .values(
+                on_hand=inventory.c.on_hand + on_hand_sign * qty,
+                reserved=inventory.c.reserved + reserved_sign * qty,
+            )
+        )
+    _record(conn, event, kind, quantities, order_id)
+
+
+def _record(
+    conn: Connection,
+    event: CloudEvent,
+    kind: str,
+    quantities: Mapping[str, int],
+    order_id: str | None,
+) -> None:
+    on_hand_sign, reserved_sign = MOVES[kind]
+    conn.execute(
+        inventory_movements.insert(),
+        [
+            {
+                "source": event.source,
+                "event_id": event.id,
+                "sku": sku,
+                "kind": kind,
+                "order_id": order_id,
+                "on_hand_delta": on_hand_sign * qty,
+                "reserved_delta": reserved_sign * qty,
+            }
+            for sku, qty in quantities.items()
+        ],
+    )
