@@ -129,13 +129,95 @@ def order_show(order_id: str, as_json: JsonFlag = False) -> None:
         f"[bold]{order_id}[/] {found['status']} total {found['total']} "
         f"{found['currency']} customer {found['customer_id']}"
     )
-    for title, rows in (
-        ("lines", found["lines"]),
-        ("events", found["events"]),
-        ("ledger", found["ledger"]),
-    ):
+    if found.get("duplicate_of"):
+        console.print(f"suspected duplicate of order {found['duplicate_of']}")
+    for title in ("lines", "events", "ledger", "duplicates", "deferred"):
+        rows = found[title]
         if rows:
             console.print(_table(title, rows))
+
+
+OPERATOR_SOURCE = "orderonce/operator"
+
+
+def _operator_event(
+    action: str, type_: str, order_id: str, reason: str, wait: bool, as_json: bool
+) -> None:
+    """Publish an operator's decision as an event, so it too takes effect exactly once: its id
+    is derived from the order, so running the command twice is a duplicate, not a second act."""
+    import time
+
+    from sqlalchemy import text
+
+    from orderonce.config import resolve, settings
+    from producers import Publisher, build_event
+
+    event = build_event(
+        type_,
+        {"reason": reason},
+        source=OPERATOR_SOURCE,
+        subject=order_id,
+        id=f"{action}/{order_id}",
+    )
+    publisher = Publisher(resolve().broker_url, settings())
+    try:
+        publisher.publish(event)
+    finally:
+        publisher.close()
+    result: dict[str, Any] = {"event_id": event.id, "order_id": order_id, "outcome": "published"}
+    if wait:
+        engine = _engine()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    text(
+                        "SELECT outcome, reason, duplicates FROM processed_messages"
+                        " WHERE source = :s AND event_id = :e"
+                    ),
+                    {"s": OPERATOR_SOURCE, "e": event.id},
+                ).first()
+            if row is not None:
+                result |= {
+                    "outcome": row.outcome,
+                    "reason": row.reason,
+                    "repeated": row.duplicates > 0,
+                }
+                break
+            time.sleep(0.2)
+        else:
+            result["outcome"] = "pending: no worker handled it within 30 s"
+    if as_json:
+        _print_json(result)
+    else:
+        again = " (this was done before: nothing changed)" if result.get("repeated") else ""
+        reason_text = f" ({result['reason']})" if result.get("reason") else ""
+        console.print(f"{type_} {order_id}: {result['outcome']}{reason_text}{again}")
+    if result["outcome"] == "rejected":
+        raise typer.Exit(1)
+
+
+@order_app.command("release")
+def order_release(
+    order_id: str,
+    reason: Annotated[str, typer.Option(help="Why it is genuine.")] = "released by an operator",
+    wait: Annotated[bool, typer.Option(help="Wait for a worker to apply it.")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Release a held order (a suspected duplicate that is genuine): reserve its stock and
+    apply its deferred follow-ups."""
+    _operator_event("release", "order.released", order_id, reason, wait, as_json)
+
+
+@order_app.command("cancel")
+def order_cancel(
+    order_id: str,
+    reason: Annotated[str, typer.Option(help="Why.")] = "cancelled by an operator",
+    wait: Annotated[bool, typer.Option(help="Wait for a worker to apply it.")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Cancel an order (a held duplicate, or any order not yet shipped)."""
+    _operator_event("cancel", "order.cancelled", order_id, reason, wait, as_json)
 
 
 @app.command()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from producers import build_event
 from schemas import CloudEvent
+
+NOW = datetime.now(UTC)
 
 
 def uid(prefix: str) -> str:

@@ -115,10 +115,12 @@ def stats(conn: Connection) -> dict[str, Any]:
         "events_by_type": pairs(
             "SELECT event_type, count(*) FROM processed_messages GROUP BY 1 ORDER BY 1"
         ),
-        "duplicates_suppressed": int(
-            conn.execute(
-                text("SELECT coalesce(sum(duplicates), 0) FROM processed_messages")
-            ).scalar_one()
+        "duplicates_by_cause": duplicates_by_cause(conn),
+        "held_orders": int(
+            conn.execute(text("SELECT count(*) FROM orders WHERE status = 'on_hold'")).scalar_one()
+        ),
+        "deferred_events": int(
+            conn.execute(text("SELECT count(*) FROM deferred_events")).scalar_one()
         ),
         "rejected_by_reason": pairs(
             "SELECT split_part(reason, ':', 1), count(*) FROM processed_messages"
@@ -129,6 +131,25 @@ def stats(conn: Connection) -> dict[str, Any]:
         ),
         "orders_by_status": pairs("SELECT status, count(*) FROM orders GROUP BY 1 ORDER BY 1"),
     }
+
+
+def duplicates_by_cause(conn: Connection) -> dict[str, int]:
+    """Every duplicate caught, by what caused it (docs/duplicates.md)."""
+    row = conn.execute(
+        text(
+            """
+            SELECT coalesce(sum(redeliveries), 0),
+                   coalesce(sum(duplicates - redeliveries), 0),
+                   count(*) FILTER (WHERE outcome = 'duplicate' AND reason = 'same_key'),
+                   count(*) FILTER (WHERE outcome = 'duplicate' AND reason = 'same_order_id'),
+                   count(*) FILTER (WHERE reason LIKE 'held: suspected duplicate%'
+                                       OR reason LIKE 'suspected_duplicate%')
+            FROM processed_messages
+            """
+        )
+    ).one()
+    causes = ("redelivery", "producer_retry", "same_key", "same_order_id", "fingerprint")
+    return {cause: int(n) for cause, n in zip(causes, row, strict=True)}
 
 
 def order(conn: Connection, order_id: str) -> dict[str, Any] | None:
@@ -160,11 +181,35 @@ def order(conn: Connection, order_id: str) -> dict[str, Any] | None:
         ),
         {"id": order_id},
     ).mappings()
+    duplicates = conn.execute(
+        text(
+            """
+            SELECT 'submission' AS kind, source, event_id, subject AS order_id,
+                   outcome || ': ' || coalesce(reason, '') AS what, processed_at AS at
+            FROM processed_messages WHERE duplicate_of = :id AND outcome <> 'applied'
+            UNION ALL
+            SELECT 'held order', created_by_source, created_by_event, order_id,
+                   status || ': ' || coalesce(status_reason, ''), created_at
+            FROM orders WHERE duplicate_of = :id
+            ORDER BY at
+            """
+        ),
+        {"id": order_id},
+    ).mappings()
+    deferred = conn.execute(
+        text(
+            "SELECT source, event_id, event_time FROM deferred_events WHERE order_id = :id"
+            " ORDER BY event_time"
+        ),
+        {"id": order_id},
+    ).mappings()
     return {
         **_plain(row),
         "lines": [_plain(r) for r in lines],
         "events": [_plain(r) for r in events],
         "ledger": [_plain(r) for r in ledger],
+        "duplicates": [_plain(r) for r in duplicates],
+        "deferred": [_plain(r) for r in deferred],
     }
 
 

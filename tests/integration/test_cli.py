@@ -82,3 +82,44 @@ def test_worker_refuses_unsafe_settings(worker_env: dict[str, str]) -> None:
     result = _cli(unsafe, "worker", ok=False)
     assert result.returncode == 2
     assert "lock_ttl_ms must exceed task_time_limit_s" in result.stdout
+
+
+def test_release_a_held_order_from_the_command_line(
+    db: Engine, workers: WorkerFactory, worker_env: dict[str, str]
+) -> None:
+    customer, original, twin = events.uid("C"), events.uid("ORD"), events.uid("ORD")
+    items = [("SKU-CLI", 1, "7.00")]
+    stream = [events.restock("SKU-CLI", 5), events.created(original, items, customer)]
+    _cli(worker_env, "publish", "-", stdin="\n".join(to_json(e) for e in stream))
+    workers.start()
+    with db.connect() as conn:
+        wait_until(
+            lambda: conn.execute(text("SELECT count(*) FROM orders")).scalar_one() == 1,
+            30,
+            "the first order",
+        )
+        conn.rollback()
+    twin_events = [events.created(twin, items, customer), events.paid(twin, "7.00")]
+    _cli(worker_env, "publish", "-", stdin="\n".join(to_json(e) for e in twin_events))
+
+    def deferred() -> bool:
+        with db.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM deferred_events")).scalar_one() == 1
+
+    wait_until(deferred, 30, "the twin's payment to be deferred")
+    shown = json.loads(_cli(worker_env, "order", "show", original, "--json").stdout)
+    assert [d["order_id"] for d in shown["duplicates"]] == [twin]
+    held = json.loads(_cli(worker_env, "order", "show", twin, "--json").stdout)
+    assert (held["status"], held["duplicate_of"], len(held["deferred"])) == ("on_hold", original, 1)
+
+    released = json.loads(_cli(worker_env, "order", "release", twin, "--json").stdout)
+    assert released["outcome"] == "applied" and released["repeated"] is False
+    again = json.loads(_cli(worker_env, "order", "release", twin, "--json").stdout)
+    assert again["repeated"] is True
+    held = json.loads(_cli(worker_env, "order", "show", twin, "--json").stdout)
+    assert held["status"] == "paid" and held["deferred"] == []
+
+    stats = json.loads(_cli(worker_env, "stats", "--json").stdout)
+    assert stats["duplicates_by_cause"]["fingerprint"] == 1
+    assert stats["held_orders"] == 0
+    assert json.loads(_cli(worker_env, "verify", "--json").stdout)["ok"] is True
