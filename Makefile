@@ -24,6 +24,9 @@ test: install
 test-unit: install
 	$(BIN)/pytest tests/unit
 
+bench: install
+	$(BIN)/python -m bench.duplicate_check
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

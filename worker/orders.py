@@ -36,17 +36,12 @@ def create_order(
     # Twice at most: if a concurrent submission with the same key or order id (possibly of
     # another customer, so not under our lock) wins the insert, judging again sees it.
     for _ in range(2):
+        priors = find_priors(conn, event, digest, window, similar=policy != "allow")
         verdict = submissions.judge(
             digest,
-            same_key=_prior(
-                conn,
-                _o.idempotency_source == event.source,
-                _o.idempotency_key == event.idempotencykey,
-            )
-            if event.idempotencykey
-            else None,
-            same_order_id=_prior(conn, _o.order_id == event.order_id),
-            similar=_similar(conn, event, digest, window) if policy != "allow" else None,
+            same_key=priors.get("same_key"),
+            same_order_id=priors.get("same_order_id"),
+            similar=priors.get("similar"),
             policy=policy,
         )
         match verdict:
@@ -67,30 +62,42 @@ def create_order(
     raise RuntimeError(f"order {event.order_id} neither inserted nor found")  # pragma: no cover
 
 
-def _prior(conn: Connection, *where: object) -> submissions.Prior | None:
-    row = conn.execute(select(_o.order_id, _o.fingerprint).where(*where)).first()  # type: ignore[arg-type]
-    return None if row is None else submissions.Prior(row.order_id, row.fingerprint)
+# The three lookups in one round trip (it is most of what the check costs: bench/).
+# "similar" uses event time, not processing time: a backlog must not turn a double click into
+# two orders.
+_PRIORS = text(
+    """
+    (SELECT 'same_key' AS rule, order_id, fingerprint FROM orders
+     WHERE idempotency_source = :source AND idempotency_key = :key)
+    UNION ALL
+    (SELECT 'same_order_id', order_id, fingerprint FROM orders WHERE order_id = :order_id)
+    UNION ALL
+    (SELECT 'similar', order_id, fingerprint FROM orders
+     WHERE :similar AND customer_id = :customer AND fingerprint = :fingerprint
+       AND status NOT IN ('cancelled', 'rejected') AND order_id <> :order_id
+       AND submitted_at BETWEEN :since AND :until
+     ORDER BY submitted_at LIMIT 1)
+    """
+)
 
 
-def _similar(
-    conn: Connection, event: OrderCreatedEvent, digest: str, window: timedelta
-) -> submissions.Prior | None:
-    # Event time, not processing time: a backlog must not turn a double click into two orders.
-    return _prior_ordered(
-        conn,
-        _o.customer_id == event.data.customer_id,
-        _o.fingerprint == digest,
-        _o.status.not_in(["cancelled", "rejected"]),
-        _o.submitted_at.between(event.time - window, event.time + window),
-        _o.order_id != event.order_id,
+def find_priors(
+    conn: Connection, event: OrderCreatedEvent, digest: str, window: timedelta, *, similar: bool
+) -> dict[str, submissions.Prior]:
+    rows = conn.execute(
+        _PRIORS,
+        {
+            "source": event.source,
+            "key": event.idempotencykey,
+            "order_id": event.order_id,
+            "similar": similar,
+            "customer": event.data.customer_id,
+            "fingerprint": digest,
+            "since": event.time - window,
+            "until": event.time + window,
+        },
     )
-
-
-def _prior_ordered(conn: Connection, *where: object) -> submissions.Prior | None:
-    row = conn.execute(
-        select(_o.order_id, _o.fingerprint).where(*where).order_by(_o.submitted_at).limit(1)  # type: ignore[arg-type]
-    ).first()
-    return None if row is None else submissions.Prior(row.order_id, row.fingerprint)
+    return {r.rule: submissions.Prior(r.order_id, r.fingerprint) for r in rows}
 
 
 def _insert_order(
