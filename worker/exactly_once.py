@@ -176,7 +176,7 @@ def _duplicate_delivery(
     conn: Connection, event: CloudEvent, digest: str, body: bytes, message_id: str | None
 ) -> Outcome:
     order_id = getattr(event, "subject", None)
-    prior = processed.count_duplicate(conn, event, message_id)
+    prior, redelivered = processed.count_duplicate(conn, event, message_id)
     if prior != digest:
         # Same identity, different content: a producer reused an id. The first one won; the
         # second is kept for a human, since applying it could be exactly the wrong thing.
@@ -192,4 +192,6 @@ def _duplicate_delivery(
             subject=order_id,
         )
         return Outcome("dead_lettered", event.id, order_id, "id_conflict")
-    return Outcome("duplicate", event.id, order_id, "redelivery_or_copy")
+    return Outcome(
+        "duplicate", event.id, order_id, "redelivery" if redelivered else "producer_retry"
+    )

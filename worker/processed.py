@@ -46,20 +46,23 @@ def set_outcome(
     )
 
 
-def count_duplicate(conn: Connection, event: CloudEvent, message_id: str | None) -> str:
-    """Count another delivery of an event that already has its row; returns its payload hash.
+def count_duplicate(
+    conn: Connection, event: CloudEvent, message_id: str | None
+) -> tuple[str, bool]:
+    """Count another delivery of an event that already has its row.
 
-    The same broker message again is a redelivery; another message is a producer's copy.
+    Returns the payload hash on record, and whether this was a redelivery: the same broker
+    message again (a crash, a requeue), rather than another message with the same event (a
+    producer's retry).
     """
     redelivered = literal(message_id is not None) & (_row.message_id == message_id)
-    return str(
-        conn.execute(
-            update(processed_messages)
-            .where(_row.source == event.source, _row.event_id == event.id)
-            .values(
-                duplicates=_row.duplicates + 1,
-                redeliveries=_row.redeliveries + case((redelivered, 1), else_=0),
-            )
-            .returning(_row.payload_hash)
-        ).scalar_one()
-    )
+    row = conn.execute(
+        update(processed_messages)
+        .where(_row.source == event.source, _row.event_id == event.id)
+        .values(
+            duplicates=_row.duplicates + 1,
+            redeliveries=_row.redeliveries + case((redelivered, 1), else_=0),
+        )
+        .returning(_row.payload_hash, _row.message_id)
+    ).one()
+    return str(row.payload_hash), message_id is not None and row.message_id == message_id

@@ -88,6 +88,8 @@ def test_same_message_ten_times_to_several_workers(
         "every copy to be processed",
     )
     assert _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 20
+    # Every copy was its own broker message (a producer's retry), none a redelivery.
+    assert _count(db, "SELECT sum(redeliveries) FROM processed_messages") == 0
     assert _count(db, "SELECT count(*) FROM ledger_entries") == 40
     assert _count(db, "SELECT reserved FROM inventory") == 40
     _assert_verified(db)
@@ -109,6 +111,8 @@ def test_killed_after_commit_before_ack_is_redelivered_as_duplicate(
         60,
         "the redelivered copy to be recognised as a duplicate",
     )
+    # The same broker message came back: counted as a redelivery, not a producer's copy.
+    assert _count(db, "SELECT redeliveries FROM processed_messages") >= 1
     _assert_restocked_once(db, 7)
 
 
