@@ -110,7 +110,9 @@ def build_stream(run: str, orders: int, duplicate_rate: float, seed: int = 1) ->
         total = sum((price * qty for _, qty, price in lines), start=Decimal("0.00"))
         items = [{"sku": s, "quantity": q, "unit_price": f"{p:.2f}"} for s, q, p in lines]
         data = {
-            "customer_id": f"C-{rng.randint(1, orders // 2 + 1):05d}",
+            # One customer per order: equal baskets of one customer are suspects by design, and
+            # the demo's suspects should be the double clicks it planted.
+            "customer_id": f"C-{run}-{i:06d}",
             "currency": "EUR",
             "items": items,
         }
