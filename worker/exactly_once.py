@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import Connection, Engine
@@ -63,6 +63,8 @@ class Outcome:
     order_id: str | None = None
     reason: str | None = None
     duplicate_of: str | None = None
+    event_type: str | None = None
+    event_time: datetime | None = None
 
 
 def process(
@@ -95,6 +97,7 @@ def process(
         )
     finally:
         locks.release(lock, event.id, order_id)
+    outcome = replace(outcome, event_type=event.type, event_time=event.time)
     failpoint("after_commit")
     log.info(
         "%s %s",

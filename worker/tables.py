@@ -187,5 +187,33 @@ dead_letters = Table(
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("status", Text, nullable=False, server_default="open"),
+    # What a person did about it (`orderonce dead-letters replay|discard`), kept for the audit.
+    Column("resolved_at", DateTime(timezone=True)),
+    Column("resolution_note", Text),
+    Column("replayed_as", Text),
     UniqueConstraint("body_sha256", "reason"),
+    CheckConstraint("status IN ('open', 'replayed', 'discarded')", name="status"),
+)
+
+processed_tombstones = Table(
+    "processed_tombstones",
+    metadata,
+    # What `orderonce prune` leaves of a processed row: enough to recognise a very late
+    # duplicate (and to tell a reused id with other content) long after the row is gone.
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("payload_hash", Text, nullable=False),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("source", "event_id"),
+)
+
+message_deliveries = Table(
+    "message_deliveries",
+    metadata,
+    # Deliveries of broker messages that came back (redelivered): a message that kills its
+    # worker every time is stopped after a few, even on Redis, which has no delivery limit.
+    Column("message_id", Text, primary_key=True),
+    Column("deliveries", Integer, nullable=False, server_default="1"),
+    Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
