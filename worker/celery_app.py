@@ -21,11 +21,13 @@ from schemas.parsing import as_bytes
 from worker import dead_letters, exactly_once
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
+from worker.processed import count_redelivery
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
 
 app = make_celery(resolve().broker_url, settings())
+app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
 check_celery_safety(app.conf, settings())
 
 
@@ -44,14 +46,46 @@ def _later(task: Task, countdown: float) -> Retry:
         raise Reject(str(exc), requeue=True) from exc
 
 
+def _killed_too_often(task: Task, raw: bytes) -> bool:
+    """Count a redelivered message durably; dead-letter it once it came back too often.
+
+    A message that kills its worker (a segfault, the OOM killer) is requeued by Celery every
+    time, forever: Redis has no delivery limit. Only redeliveries are counted, so the usual
+    path costs nothing extra.
+    """
+    rt = runtime()
+    deliveries = count_redelivery(rt.engine, task.request.id)
+    if deliveries <= rt.settings.poison_max_retries:
+        return False
+    dead_letters.record_now(
+        rt.engine,
+        raw,
+        "poison",
+        f"delivered {deliveries} times without an outcome: it ends its worker every time",
+    )
+    return True
+
+
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
     name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True
 )
-def process_event(self: Task, body: str) -> dict[str, Any]:
+def process_event(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     rt = runtime()
     s = rt.settings
-    raw = as_bytes(body)
+    if len(args) != 1 or kwargs or not isinstance(args[0], str | bytes):
+        # Celery would fail the call and ack it; keep what was sent instead.
+        raw = repr((args, kwargs)).encode()[: s.max_body_bytes + 1]
+        dead_letters.record_now(
+            rt.engine,
+            raw,
+            "bad_task_arguments",
+            "expected one argument: the CloudEvent as a JSON string",
+        )
+        return {"outcome": "dead_lettered", "reason": "bad_task_arguments"}
+    raw = as_bytes(args[0])
     retries = self.request.retries or 0
+    if (self.request.delivery_info or {}).get("redelivered") and _killed_too_often(self, raw):
+        return {"outcome": "dead_lettered", "reason": "poison"}
     try:
         outcome = exactly_once.process(
             raw, engine=rt.engine, locks=rt.locks, config=rt.config, message_id=self.request.id

@@ -89,7 +89,7 @@ def process(
         return Outcome("dead_lettered", reason=bad.reason)
 
     order_id = getattr(event, "subject", None)
-    failpoint("before_lock")
+    failpoint("before_lock", body)
     lock = locks.acquire(event.source, event.id, order_id)
     try:
         outcome = _db_retrying(config.db_attempts)(
@@ -98,7 +98,7 @@ def process(
     finally:
         locks.release(lock, event.id, order_id)
     outcome = replace(outcome, event_type=event.type, event_time=event.time)
-    failpoint("after_commit")
+    failpoint("after_commit", body)
     log.info(
         "%s %s",
         event.type,
@@ -138,7 +138,7 @@ def _commit_once(
             duplicate_window=config.duplicate_window,
         )
         outcome = _record(conn, event, body, result)
-        failpoint("before_commit")
+        failpoint("before_commit", body)
     return outcome
 
 
