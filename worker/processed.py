@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, case, literal, update
+from sqlalchemy import Connection, Engine, case, func, literal, update
 from sqlalchemy.dialects.postgresql import insert
 
 from schemas.events import CloudEvent
-from worker.tables import processed_messages
+from worker.tables import message_deliveries, processed_messages
 
 _row = processed_messages.c
 
@@ -66,3 +66,23 @@ def count_duplicate(
         .returning(_row.payload_hash, _row.message_id)
     ).one()
     return str(row.payload_hash), message_id is not None and row.message_id == message_id
+
+
+def count_redelivery(engine: Engine, message_id: str) -> int:
+    """One more delivery of a broker message that came back; the total so far. Committed at
+    once, so the count survives the crash the message may be about to cause."""
+    with engine.begin() as conn:
+        return int(
+            conn.execute(
+                insert(message_deliveries)
+                .values(message_id=message_id, deliveries=2)  # the first was not counted
+                .on_conflict_do_update(
+                    index_elements=[message_deliveries.c.message_id],
+                    set_={
+                        "deliveries": message_deliveries.c.deliveries + 1,
+                        "last_seen": func.now(),
+                    },
+                )
+                .returning(message_deliveries.c.deliveries)
+            ).scalar_one()
+        )
