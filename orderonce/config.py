@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,6 +58,18 @@ class Settings(BaseSettings):
     # held for a person (hold), refused (reject) or taken as it is (allow).
     duplicate_policy: Literal["hold", "reject", "allow"] = "hold"
     duplicate_window_s: int = 600
+
+    # Message authentication (schemas/signing.py). Producers sign with signing_key; workers
+    # accept events signed with any of verify_keys (comma-separated: rotation), and, when any
+    # key is set, dead-letter unsigned or forged events. From the environment only.
+    signing_key: SecretStr | None = None
+    verify_keys: SecretStr | None = None
+
+    def verification_keys(self) -> tuple[bytes, ...]:
+        keys = self.verify_keys.get_secret_value().split(",") if self.verify_keys else []
+        if self.signing_key:
+            keys.append(self.signing_key.get_secret_value())
+        return tuple(k.strip().encode() for k in keys if k.strip())
 
 
 def check_safety(s: Settings) -> None:

@@ -19,6 +19,7 @@ from orderonce.broker import TASK_NAME, make_celery
 from orderonce.config import Settings
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
+from schemas.signing import sign
 
 
 def build_event(
@@ -57,6 +58,9 @@ class Publisher:
     def __init__(self, broker_url: str, settings: Settings, *, attempts: int = 8) -> None:
         self._app = make_celery(broker_url, settings)
         self._queue = settings.queue
+        self._key = (
+            settings.signing_key.get_secret_value().encode() if settings.signing_key else None
+        )
         self._retrying = Retrying(
             retry=retry_if_exception_type((KombuOperationalError, ConnectionError, OSError)),
             stop=stop_after_attempt(attempts),
@@ -65,7 +69,8 @@ class Publisher:
         )
 
     def publish(self, event: CloudEvent) -> None:
-        self.publish_raw(to_json(event))
+        """Send an event (signed, when a signing key is configured)."""
+        self.publish_raw(to_json(sign(event, self._key) if self._key else event))
 
     def publish_raw(self, body: str) -> None:
         """Send a body as-is (already-serialised events, or replays of stored bodies)."""

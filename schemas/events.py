@@ -161,6 +161,8 @@ class _Envelope(BaseModel):
     time: Annotated[AwareDatetime, BeforeValidator(_timestamp_string)]
     datacontenttype: Literal["application/json"] = "application/json"
     dataschema: Annotated[str, StringConstraints(max_length=512)] | None = None
+    # HMAC of the rest of the event (schemas/signing.py), when producers sign.
+    signature: Annotated[str, StringConstraints(pattern=r"^v1=[0-9a-f]{64}$")] | None = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -119,5 +119,7 @@ def canonical_json(event: CloudEvent) -> bytes:
 
 
 def payload_hash(event: CloudEvent) -> str:
-    """sha256 of the canonical event; a redelivered copy hashes the same, an altered one doesn't."""
-    return hashlib.sha256(canonical_json(event)).hexdigest()
+    """sha256 of the canonical event without its signature: a redelivered copy hashes the same,
+    and so does one re-signed with a rotated key; an altered one doesn't."""
+    unsigned = event.model_copy(update={"signature": None}) if event.signature else event
+    return hashlib.sha256(canonical_json(unsigned)).hexdigest()

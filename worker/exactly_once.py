@@ -36,6 +36,7 @@ from tenacity import (
 )
 
 from schemas import BadEvent, CloudEvent, parse_event, payload_hash
+from schemas.signing import verify
 from worker import dead_letters, effects, processed
 from worker.db import is_transient
 from worker.failpoints import failpoint
@@ -54,6 +55,8 @@ class Config:
     db_attempts: int = 5
     duplicate_policy: Policy = "hold"
     duplicate_window: timedelta = timedelta(minutes=10)
+    # When set, only events signed with one of these keys are applied.
+    verify_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,20 @@ def process(
         return Outcome("dead_lettered", reason=bad.reason)
 
     order_id = getattr(event, "subject", None)
+    if config.verify_keys and not verify(event, config.verify_keys):
+        detail = "no signature" if event.signature is None else "no key matches the signature"
+        _db_retrying(config.db_attempts)(
+            dead_letters.record_now,
+            engine,
+            body,
+            "bad_signature",
+            detail,
+            source=event.source,
+            event_id=event.id,
+            event_type=event.type,
+            subject=order_id,
+        )
+        return Outcome("dead_lettered", event.id, order_id, "bad_signature")
     failpoint("before_lock", body)
     lock = locks.acquire(event.source, event.id, order_id)
     try:

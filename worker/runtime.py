@@ -41,6 +41,7 @@ def runtime() -> Runtime:
             db_attempts=s.db_retry_attempts,
             duplicate_policy=s.duplicate_policy,
             duplicate_window=timedelta(seconds=s.duplicate_window_s),
+            verify_keys=s.verification_keys(),
         )
         engine = make_engine(urls.database_url, s)
         rt = Runtime(s, engine, client, EventLocks(client, s.lock_ttl_ms), config)

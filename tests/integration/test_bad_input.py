@@ -9,11 +9,13 @@ import pickle
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
 from producers import Publisher
 from producers.publisher import to_json
+from schemas.signing import sign
 from tests import events
 from tests.raw_broker import publish_raw_message, task_headers
 from tests.servers import ServerUrls
@@ -143,3 +145,36 @@ def test_poison_gets_bounded_attempts_then_a_dead_letter(
         body = conn.execute(text("SELECT body_sha256 FROM dead_letters")).scalar_one()
     assert body == hashlib.sha256(to_json(poison).encode()).hexdigest()
     assert worker.alive()
+
+
+def test_unsigned_and_forged_events_are_refused_when_keys_are_set(
+    db: Engine, workers: WorkerFactory, servers: ServerUrls, settings: Settings
+) -> None:
+    # Workers verify with the new and the old key (a rotation in progress).
+    workers.start(ORDERONCE_VERIFY_KEYS="new-key,old-key")
+    signer = Publisher(
+        servers.redis_url, settings.model_copy(update={"signing_key": SecretStr("old-key")})
+    )
+    forger = Publisher(
+        servers.redis_url, settings.model_copy(update={"signing_key": SecretStr("guessed-key")})
+    )
+    plain = Publisher(servers.redis_url, settings)
+    try:
+        signer.publish(events.restock("SKU-SIGNED", 1))
+        forger.publish(events.restock("SKU-FORGED", 1))
+        plain.publish(events.restock("SKU-UNSIGNED", 1))
+        tampered = json.loads(to_json(sign(events.restock("SKU-T", 1), b"old-key")))
+        tampered["data"]["quantity"] = 1000
+        plain.publish_raw(json.dumps(tampered))
+    finally:
+        for p in (signer, forger, plain):
+            p.close()
+    wait_until(lambda: _dead_letters(db) == {"bad_signature": 3}, 30, "three refusals")
+    with db.connect() as conn:
+        wait_until(
+            lambda: conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one() == 1,
+            30,
+            "the signed event",
+        )
+        conn.rollback()
+        assert conn.execute(text("SELECT sku FROM inventory")).scalars().all() == ["SKU-SIGNED"]
