@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,7 +36,13 @@ class WorkerProcess:
     """One ``orderonce worker`` in its own process group (main process plus pool children)."""
 
     def __init__(
-        self, name: str, env: dict[str, str], log: Path, pool: str = "solo", concurrency: int = 1
+        self,
+        name: str,
+        env: dict[str, str],
+        log: Path,
+        pool: str = "solo",
+        concurrency: int = 1,
+        args: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.log = log
@@ -51,6 +57,7 @@ class WorkerProcess:
                 f"--pool={pool}",
                 f"--concurrency={concurrency}",
                 f"--name={name}@%h",
+                *args,
             ],
             env=env,
             stdout=self._out,
@@ -88,6 +95,11 @@ class WorkerProcess:
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
+
+    def signal_main(self, sig: signal.Signals) -> None:
+        """Signal the main process only, as an init system or container runtime would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
 
     def kill(self) -> None:
         self.signal_group(signal.SIGCONT)  # a stopped process group must not outlive us
