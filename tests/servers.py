@@ -68,20 +68,23 @@ def fresh_database(server_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _with_db(url: str, db: int) -> str:
+    # The URL's path names the database and wins over a db= argument: replace the path.
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
 @contextmanager
 def empty_redis_db(server_url: str) -> Iterator[str]:
     """An empty logical Redis database (1-15) nobody else is using; flushed afterwards."""
-    base = redis.Redis.from_url(server_url)
     for db in range(15, 0, -1):
-        client = redis.Redis.from_url(server_url, db=db)
+        url = _with_db(server_url, db)
+        client = redis.Redis.from_url(url)
         # Claim an empty one with a marker key, so a parallel session looks elsewhere.
         if client.dbsize() == 0 and client.set("orderonce:test:claimed", "1", nx=True):
             break
+        client.close()
     else:
         raise RuntimeError("no empty Redis database between 1 and 15 for the tests")
-    base.close()
-    parts = urlsplit(server_url)
-    url = urlunsplit(parts._replace(path=f"/{db}"))
     try:
         yield url
     finally:

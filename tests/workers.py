@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,12 +34,14 @@ class WorkerFactory:
         pool: str = "solo",
         concurrency: int = 1,
         ready: bool = True,
+        args: Sequence[str] = (),
         **env: str,
     ) -> WorkerProcess:
+        """Start ``orderonce worker`` with extra CLI ``args`` and extra ``env`` variables."""
         full_env = {**os.environ, **self._env, **env}
         n = len(self.started)
         worker = WorkerProcess(
-            f"{name}{n}", full_env, self._tmp / f"{name}{n}.log", pool, concurrency
+            f"{name}{n}", full_env, self._tmp / f"{name}{n}.log", pool, concurrency, args
         )
         self.started.append(worker)
         if ready:

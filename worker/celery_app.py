@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 from celery import Task
@@ -18,7 +19,7 @@ from celery.exceptions import Reject, Retry
 from orderonce.broker import TASK_NAME, check_celery_safety, make_celery
 from orderonce.config import resolve, settings
 from schemas.parsing import as_bytes
-from worker import dead_letters, exactly_once
+from worker import dead_letters, exactly_once, metrics
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
 from worker.processed import count_redelivery
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 app = make_celery(resolve().broker_url, settings())
 app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
 check_celery_safety(app.conf, settings())
+metrics.install_celery_hooks()
 
 
 def _backoff(base: float, retries: int, cap: float) -> float:
@@ -46,24 +48,28 @@ def _later(task: Task, countdown: float) -> Retry:
         raise Reject(str(exc), requeue=True) from exc
 
 
-def _killed_too_often(task: Task, raw: bytes) -> bool:
-    """Count a redelivered message durably; dead-letter it once it came back too often.
+def _dead_letter(
+    raw: bytes, reason: str, detail: str, started: float, **ids: str | None
+) -> dict[str, Any]:
+    """Keep a message the task gives up on, and say so: the terminal outcome, then the ack."""
+    dead_letters.record_now(runtime().engine, raw, reason, detail, **ids)
+    metrics.observe_dead_letter(reason)
+    metrics.observe_event("dead_lettered", reason, None, time.perf_counter() - started, None)
+    return {"outcome": "dead_lettered", "reason": reason}
+
+
+def _killed_too_often(task: Task) -> int | None:
+    """Count a redelivered message durably; its delivery count once it came back too often.
 
     A message that kills its worker (a segfault, the OOM killer) is requeued by Celery every
     time, forever: Redis has no delivery limit. Only redeliveries are counted, so the usual
     path costs nothing extra.
     """
+    if not (task.request.delivery_info or {}).get("redelivered"):
+        return None
     rt = runtime()
     deliveries = count_redelivery(rt.engine, task.request.id)
-    if deliveries <= rt.settings.poison_max_retries:
-        return False
-    dead_letters.record_now(
-        rt.engine,
-        raw,
-        "poison",
-        f"delivered {deliveries} times without an outcome: it ends its worker every time",
-    )
-    return True
+    return deliveries if deliveries > rt.settings.poison_max_retries else None
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
@@ -72,53 +78,70 @@ def _killed_too_often(task: Task, raw: bytes) -> bool:
 def process_event(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     rt = runtime()
     s = rt.settings
+    started = time.perf_counter()
+    retries = self.request.retries or 0
     if len(args) != 1 or kwargs or not isinstance(args[0], str | bytes):
         # Celery would fail the call and ack it; keep what was sent instead.
         raw = repr((args, kwargs)).encode()[: s.max_body_bytes + 1]
-        dead_letters.record_now(
-            rt.engine,
+        return _dead_letter(
             raw,
             "bad_task_arguments",
             "expected one argument: the CloudEvent as a JSON string",
+            started,
         )
-        return {"outcome": "dead_lettered", "reason": "bad_task_arguments"}
     raw = as_bytes(args[0])
-    retries = self.request.retries or 0
-    if (self.request.delivery_info or {}).get("redelivered") and _killed_too_often(self, raw):
-        return {"outcome": "dead_lettered", "reason": "poison"}
+    if (deliveries := _killed_too_often(self)) is not None:
+        return _dead_letter(
+            raw,
+            "poison",
+            f"delivered {deliveries} times without an outcome: it ends its worker every time",
+            started,
+        )
     try:
         outcome = exactly_once.process(
             raw, engine=rt.engine, locks=rt.locks, config=rt.config, message_id=self.request.id
         )
     except LockBusy as busy:
+        metrics.observe_lock_busy()
+        metrics.observe_retry("lock_busy")
         raise _later(
             self, _backoff(s.lock_busy_countdown_s, 1, s.lock_busy_countdown_s * 2)
         ) from busy
     except NotYetApplicable as early:
         if retries >= s.too_early_max_retries:
-            dead_letters.record_now(
-                rt.engine,
+            return _dead_letter(
                 raw,
                 "parked",
                 f"{early.reason} after {retries} retries",
+                started,
                 event_id=early.event_id,
                 subject=early.order_id,
             )
-            return {"outcome": "dead_lettered", "reason": f"parked: {early.reason}"}
+        metrics.observe_retry("too_early")
         raise _later(
             self, _backoff(s.too_early_backoff_s, retries, s.too_early_backoff_max_s)
         ) from early
     except Exception as exc:
         if is_transient(exc):
             log.warning("database unavailable, retrying later: %s", exc)
+            metrics.observe_retry("database")
             raise _later(self, _backoff(0.5, retries, 30.0)) from exc
         # A bug or a poison message: a bounded number of tries, then a dead letter. Failing the
         # task instead would let Celery ack it, and the event would be gone without a trace.
         if retries >= s.poison_max_retries:
-            dead_letters.record_now(
-                rt.engine, raw, "poison", f"{type(exc).__name__}: {exc} ({retries} retries)"
+            return _dead_letter(
+                raw, "poison", f"{type(exc).__name__}: {exc} ({retries} retries)", started
             )
-            return {"outcome": "dead_lettered", "reason": "poison"}
+        metrics.observe_retry("poison")
         log.exception("event failed, will retry (%d of %d)", retries, s.poison_max_retries)
         raise _later(self, _backoff(1.0, retries, 60.0)) from exc
+    metrics.observe_event(
+        outcome.kind,
+        outcome.reason,
+        outcome.event_type,
+        time.perf_counter() - started,
+        metrics.lag_since(outcome.event_time),
+    )
+    if outcome.kind == "dead_lettered":
+        metrics.observe_dead_letter(outcome.reason or "other")
     return {"outcome": outcome.kind, "reason": outcome.reason, "event_id": outcome.event_id}

@@ -15,7 +15,7 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
-from worker import dead_letters
+from worker import dead_letters, metrics
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
             time.sleep(0.5)  # the database is down: don't spin on the same message
             message.reject_log_error(log, self.connection_errors, requeue=True)
             return False
+        metrics.observe_dead_letter(reason)
         return True
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
