@@ -11,11 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orderonce.cli_dead_letters import app as dead_letters_app
+
 app = typer.Typer(help="Order events applied exactly once.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 order_app = typer.Typer(help="Look at orders.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(order_app, name="order")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 console = Console()
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -61,11 +64,25 @@ def worker(
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
     name: Annotated[str | None, typer.Option(help="Worker node name.")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    metrics_port: Annotated[
+        int, typer.Option(help="Serve Prometheus metrics on this port (0: off).", min=0, max=65535)
+    ] = 0,
 ) -> None:
     """Run a Celery worker that applies events exactly once."""
     from orderonce import logs
 
     logs.configure(loglevel)
+    if metrics_port:
+        from worker import metrics
+
+        # Before celery_app is imported and the pool forks: every process must find the
+        # multiprocess directory in its environment before it first touches prometheus_client.
+        metrics.setup_multiprocess_dir()
+        try:
+            metrics.serve(metrics_port)
+        except OSError as exc:
+            console.print(f"[red]cannot serve metrics on port {metrics_port}:[/] {exc}")
+            raise typer.Exit(1) from None
     from worker.celery_app import app as celery_app
 
     argv = [
@@ -235,17 +252,19 @@ def inventory(as_json: JsonFlag = False) -> None:
 
 @app.command()
 def stats(as_json: JsonFlag = False) -> None:
-    """Events processed by outcome, duplicates, rejections, dead letters, orders by status."""
+    """Events processed by outcome, duplicates, rejections, dead letters, orders by status,
+    throughput, and the broker's backlog."""
+    from orderonce.config import resolve, settings
     from worker import reports
 
     with _engine().connect() as conn:
-        figures = reports.stats(conn)
+        figures = reports.stats(conn, broker_url=resolve().broker_url, queue=settings().queue)
     if as_json:
         _print_json(figures)
         return
     for key, value in figures.items():
         if isinstance(value, dict):
-            console.print(_table(key, [{"key": k, "count": v} for k, v in value.items()]))
+            console.print(_table(key, [{"key": k, "value": v} for k, v in value.items()]))
         else:
             console.print(f"{key}: {value}")
 
@@ -264,6 +283,61 @@ def verify(as_json: JsonFlag = False) -> None:
         for c in checks:
             console.print(f"{'[green]ok  [/]' if c.ok else '[red]FAIL[/]'} {c.name}: {c.detail}")
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def health(
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per check.", min=0.1)] = 3.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check PostgreSQL (schema at head), the lock Redis and the broker; exit status 1 if any
+    fails (for readiness probes)."""
+    from orderonce import health as checks
+
+    results = checks.run_all(timeout)
+    ok = all(r.ok for r in results)
+    if as_json:
+        _print_json({"ok": ok, "checks": [r.__dict__ for r in results]})
+    else:
+        for r in results:
+            mark = "[green]ok  [/]" if r.ok else "[red]FAIL[/]"
+            console.print(f"{mark} {r.name}: {r.detail} ({r.seconds:.3f} s)", highlight=False)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option(help="Move rows processed longer ago than this: 30d, 12h, 90m.")
+    ],
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be moved.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Move old processed-messages rows to tombstones, which still catch late duplicates
+    (worker/retention.py). Deferred events are kept."""
+    from orderonce.config import settings
+    from worker import retention
+
+    try:
+        report = retention.prune(
+            _engine(),
+            retention.parse_duration(older_than),
+            statement_timeout_s=settings().statement_timeout_ms / 1000,
+            dry_run=dry_run,
+        )
+    except ValueError as exc:  # a bad duration, or settings prune cannot be safe with
+        console.print(f"[red]refusing to prune:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        _print_json(report.__dict__)
+        return
+    verb = "would move" if dry_run else "moved"
+    console.print(
+        f"{verb} {report.moved} processed rows from before {report.cutoff:%Y-%m-%d %H:%M:%S %Z}"
+        f" to tombstones; kept {report.kept_deferred} deferred"
+        + (" (dry run: nothing changed)" if dry_run else f" ({report.batches} batches)"),
+        highlight=False,
+    )
 
 
 @app.command()

@@ -40,7 +40,7 @@ def _backoff(base: float, retries: int, cap: float) -> float:
 
 def _later(task: Task, countdown: float) -> Retry:
     try:
-        return task.retry(countdown=countdown, max_retries=None)
+        return task.retry(countdown=countdown)
     except Retry as retry:
         return retry
     except Exception as exc:  # the broker refused the delayed copy: keep the original instead
@@ -73,7 +73,13 @@ def _killed_too_often(task: Task) -> int | None:
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
-    name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True
+    # max_retries=None: unlimited here. Retries are bounded by our own budgets (too early,
+    # poison); a held lock or a database outage must never exhaust Celery's default of 3.
+    name=TASK_NAME,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
 )
 def process_event(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     rt = runtime()

@@ -6,10 +6,17 @@ chaos run, production) without trusting the workers' own counters.
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, text
+
+if TYPE_CHECKING:
+    import redis
 
 
 @dataclass(frozen=True)
@@ -26,8 +33,10 @@ _CHECKS: dict[str, tuple[str, str]] = {
         SELECT source, event_id FROM ledger_entries
         UNION SELECT source, event_id FROM inventory_movements
         EXCEPT SELECT source, event_id FROM processed_messages WHERE outcome = 'applied'
+        EXCEPT SELECT source, event_id FROM processed_tombstones
         """,
-        "effect rows whose event has no applied processed-messages row",
+        # A tombstone keeps no outcome, so a pruned event only needs to have been processed.
+        "effect rows whose event has no applied processed-messages row, nor a tombstone",
     ),
     "no_event_applied_twice": (
         """
@@ -106,7 +115,11 @@ def verify(conn: Connection, sample: int = 5) -> list[Check]:
     return checks
 
 
-def stats(conn: Connection) -> dict[str, Any]:
+def stats(
+    conn: Connection, *, broker_url: str | None = None, queue: str | None = None
+) -> dict[str, Any]:
+    """The figures of ``orderonce stats``; the broker's queue only when both are given."""
+
     def pairs(sql: str) -> dict[str, int]:
         return {str(k): int(v) for k, v in conn.execute(text(sql)).all()}
 
@@ -130,6 +143,12 @@ def stats(conn: Connection) -> dict[str, Any]:
             "SELECT reason, count(*) FROM dead_letters WHERE status = 'open' GROUP BY 1 ORDER BY 1"
         ),
         "orders_by_status": pairs("SELECT status, count(*) FROM orders GROUP BY 1 ORDER BY 1"),
+        "throughput": throughput(conn),
+        "duplicate_rate": duplicate_rate(conn),
+        "dead_letter_backlog": dead_letter_backlog(conn),
+        "oldest_queued": (
+            queued_on_broker(broker_url, queue) if broker_url and queue is not None else None
+        ),
     }
 
 
@@ -150,6 +169,107 @@ def duplicates_by_cause(conn: Connection) -> dict[str, int]:
     ).one()
     causes = ("redelivery", "producer_retry", "same_key", "same_order_id", "fingerprint")
     return {cause: int(n) for cause, n in zip(causes, row, strict=True)}
+
+
+def throughput(conn: Connection) -> dict[str, int]:
+    """Events that reached an outcome in the last minute and hour (first deliveries: a copy
+    suppressed as a duplicate only bumps its original's counter and has no time of its own)."""
+    row = conn.execute(
+        text(
+            """
+            SELECT count(*) FILTER (WHERE processed_at > now() - interval '1 minute'),
+                   count(*)
+            FROM processed_messages WHERE processed_at > now() - interval '1 hour'
+            """
+        )
+    ).one()
+    return {"last_minute": int(row[0]), "last_hour": int(row[1])}
+
+
+def duplicate_rate(conn: Connection) -> dict[str, float]:
+    """Each cause's share of all deliveries that reached an outcome: every processed row plus
+    every suppressed copy of one. ``total`` is the share that were duplicates of any cause."""
+    rows, copies = conn.execute(
+        text("SELECT count(*), coalesce(sum(duplicates), 0) FROM processed_messages")
+    ).one()
+    deliveries = int(rows) + int(copies)
+    causes = duplicates_by_cause(conn)
+    rates = {"total": sum(causes.values())} | causes
+    return {k: round(n / deliveries, 4) if deliveries else 0.0 for k, n in rates.items()}
+
+
+def dead_letter_backlog(conn: Connection) -> dict[str, Any]:
+    """Open dead letters: how many, and since when the oldest has waited for a person."""
+    row = conn.execute(
+        text(
+            """
+            SELECT count(*), min(first_seen), extract(epoch FROM now() - min(first_seen))
+            FROM dead_letters WHERE status = 'open'
+            """
+        )
+    ).one()
+    return {
+        "open": int(row[0]),
+        "oldest_first_seen": row[1].isoformat() if row[1] is not None else None,
+        "oldest_age_seconds": round(float(row[2]), 1) if row[2] is not None else None,
+    }
+
+
+def queued_on_broker(broker_url: str, queue: str, timeout_s: float = 3.0) -> dict[str, Any] | None:
+    """The broker's backlog of ``queue``; None for a broker that is not Redis."""
+    if urlsplit(broker_url).scheme not in ("redis", "rediss"):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(
+        broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    try:
+        return queue_backlog(client, queue)
+    except redis.RedisError as exc:
+        # The database figures are still worth printing when the broker is down.
+        return {"queue": queue, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        client.close()
+
+
+def queue_backlog(client: redis.Redis, queue: str, now: datetime | None = None) -> dict[str, Any]:
+    """Messages waiting in a Redis broker queue, and the age of the oldest one's event.
+
+    kombu keeps the queue as a list named after it; producers LPUSH and workers BRPOP, so the
+    oldest message is at index -1. Messages a worker has taken (running, or waiting for a
+    retry's countdown) are no longer in it. The age is null when that message holds no
+    readable event (a malformed body waiting to be dead-lettered)."""
+    pipe = client.pipeline()
+    pipe.llen(queue)
+    pipe.lindex(queue, -1)
+    length, oldest = pipe.execute()
+    event_time = _queued_event_time(oldest) if oldest is not None else None
+    age = None
+    if event_time is not None:
+        # A producer's clock ahead of ours would make it negative: it has not waited at all.
+        age = max(0.0, ((now or datetime.now(UTC)) - event_time).total_seconds())
+    return {
+        "queue": queue,
+        "length": int(length),
+        "oldest_event_time": event_time.isoformat() if event_time else None,
+        "oldest_age_seconds": round(age, 3) if age is not None else None,
+    }
+
+
+def _queued_event_time(raw: bytes | str) -> datetime | None:
+    """The CloudEvent "time" of a queued kombu message: a JSON envelope whose body (base64)
+    is Celery's protocol-2 [args, kwargs, embed], with the event's JSON as args[0]."""
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        event = json.loads(json.loads(body)[0][0])
+        when = datetime.fromisoformat(event["time"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def order(conn: Connection, order_id: str) -> dict[str, Any] | None:
