@@ -4,16 +4,23 @@ Celery drops a message it cannot turn into a task — a content type it does not
 pickle), a body it cannot decode, an unknown task name, no task headers at all — after logging
 it. Here each is first recorded as a dead letter with its reason, so nothing leaves the queue
 without a trace. The body is never deserialised: a pickle stays a string of bytes.
+
+Only JSON gets past the door. kombu trusts ``application/data`` whatever the accept list says,
+and such a message with task headers makes Celery's consumer raise and the whole worker stop
+("Unrecoverable error"): one hostile publish would take a worker down (found by the
+property-based test in tests/integration/test_fuzz_worker.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
+from vine import promise
 
 from worker import dead_letters, metrics
 from worker.runtime import runtime
@@ -28,7 +35,26 @@ def _raw_body(message: Any) -> bytes:
     return str(body).encode("utf-8", "surrogatepass")
 
 
+ACCEPTED_CONTENT_TYPES = frozenset({"application/json"})
+
+
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no type hints
+    def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:
+        handle: Callable[[Any], None] = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> None:
+            if message.content_type not in ACCEPTED_CONTENT_TYPES:
+                if self._keep(message, "content_type_refused", None):
+                    message.ack_log_error(log, self.connection_errors)
+                return
+            try:
+                handle(message)
+            except Exception as exc:  # never let one message stop the consumer
+                if self._keep(message, "invalid_message", exc):
+                    message.ack_log_error(log, self.connection_errors)
+
+        return on_task_received
+
     def _keep(self, message: Any, reason: str, exc: BaseException | None) -> bool:
         """Record the message as a dead letter; False if that failed (then it is requeued)."""
         headers = message.headers or {}

@@ -17,6 +17,7 @@ from producers import Publisher
 from producers.publisher import to_json
 from schemas import BadEvent, parse_event
 from tests import events
+from tests.raw_broker import publish_raw_message, task_headers
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 
@@ -133,3 +134,62 @@ def test_every_input_is_accounted_for(
     for digest, reason in expected_dead.items():
         assert reasons[digest] == reason
     assert worker.alive()
+
+
+CONTENT_TYPES = [
+    "application/json",
+    "application/x-python-serialize",
+    "application/x-yaml",
+    "application/x-msgpack",
+    "text/plain",
+    "application/data",
+]
+
+
+@settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    batch=st.lists(
+        st.tuples(
+            st.binary(min_size=1, max_size=300), st.sampled_from(CONTENT_TYPES), st.booleans()
+        ),
+        min_size=10,
+        max_size=10,
+        unique_by=lambda t: t[0],
+    )
+)
+def test_arbitrary_broker_messages_are_kept_not_dropped(
+    batch: list[tuple[bytes, str, bool]],
+    db: Engine,
+    workers: WorkerFactory,
+    servers: ServerUrls,
+    settings: Settings,
+) -> None:
+    # Below the task: raw broker messages with any bytes, any content type, with or without
+    # Celery's task headers. None may be unpickled, none may vanish, the worker stays up.
+    with db.begin() as conn:
+        conn.execute(text("TRUNCATE processed_messages, dead_letters"))
+    if not workers.started:
+        workers.start(pool="prefork", concurrency=2)
+    for body, content_type, with_headers in batch:
+        publish_raw_message(
+            servers.redis_url,
+            settings,
+            body,
+            content_type=content_type,
+            headers=task_headers(settings) if with_headers else None,
+        )
+    wanted = {hashlib.sha256(body).hexdigest() for body, _, _ in batch}
+
+    def kept() -> bool:
+        with db.connect() as conn:
+            dead = set(conn.execute(text("SELECT body_sha256 FROM dead_letters")).scalars())
+            valid = conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one()
+        # A random body that happens to be a valid task message is processed instead.
+        return len(wanted & dead) + valid >= len(wanted)
+
+    wait_until(kept, 60, "every raw message to be dead-lettered")
+    assert workers.started[0].alive()
