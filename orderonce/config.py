@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     # Backoff for events that arrive before the state they need, and their budget before parking.
     too_early_max_retries: int = 12
     too_early_backoff_s: float = 0.5
-    too_early_backoff_max_s: float = 60.0
+    too_early_backoff_max_s: float = 30.0
+    # Longest wait before retrying after a database error or a failing handler.
+    retry_backoff_max_s: float = 30.0
     lock_busy_countdown_s: float = 1.0
     poison_max_retries: int = 5
 
@@ -78,10 +80,12 @@ def check_safety(s: Settings) -> None:
         problems.append("task_soft_time_limit_s must be below task_time_limit_s")
     if s.lock_ttl_ms / 1000 <= s.task_time_limit_s:
         problems.append("lock_ttl_ms must exceed task_time_limit_s, or a live holder loses it")
-    if s.visibility_timeout_s <= s.task_time_limit_s:
+    # A retried message waits out its countdown unacknowledged in the worker, then runs.
+    longest_hold = s.task_time_limit_s + max(s.too_early_backoff_max_s, s.retry_backoff_max_s)
+    if s.visibility_timeout_s <= longest_hold:
         problems.append(
-            "visibility_timeout_s must exceed task_time_limit_s, or the broker redelivers "
-            "messages that are still running"
+            "visibility_timeout_s must exceed task_time_limit_s plus the longest retry "
+            "countdown, or the broker redelivers messages that a live worker still holds"
         )
     if s.idle_in_transaction_timeout_ms / 1000 >= s.lock_ttl_ms / 1000:
         problems.append("idle_in_transaction_timeout_ms must be shorter than lock_ttl_ms")

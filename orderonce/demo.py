@@ -47,6 +47,7 @@ TIMINGS = {
     "statement_timeout_ms": 4000,
     "too_early_backoff_s": 0.2,
     "too_early_backoff_max_s": 2.0,
+    "retry_backoff_max_s": 2.0,
     "too_early_max_retries": 60,
 }
 

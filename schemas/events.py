@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 MONEY_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$"
+MAX_TOTAL = Decimal("1000000000000")  # Numeric(14, 2)
 POSITIVE_MONEY_PATTERN = r"^(0\.(0[1-9]|[1-9][0-9]?)|[1-9][0-9]{0,11}(\.[0-9]{1,2})?)$"
 
 EventType = Literal[
@@ -110,6 +111,8 @@ class OrderCreated(_Data):
         # A free order has nothing to pay, so it could never be paid, shipped or refunded.
         if self.total <= 0:
             raise ValueError("an order's total must be above zero")
+        if self.total >= MAX_TOTAL:  # what the database's money columns hold
+            raise ValueError(f"an order's total must be below {MAX_TOTAL}")
         return self
 
     @property

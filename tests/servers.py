@@ -104,6 +104,7 @@ def fast_timings(**overrides: object) -> dict[str, str]:
         "statement_timeout_ms": 2500,
         "too_early_backoff_s": 0.1,
         "too_early_backoff_max_s": 1.0,
+        "retry_backoff_max_s": 1.0,
         "too_early_max_retries": 40,
         "lock_busy_countdown_s": 0.5,
         **overrides,

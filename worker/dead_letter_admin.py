@@ -36,6 +36,7 @@ NOT_AN_EVENT_BODY = frozenset(
         "not_a_task",
         "unknown_task",
         "invalid_task",
+        "invalid_message",
         "bad_task_arguments",
     }
 )

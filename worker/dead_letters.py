@@ -43,7 +43,12 @@ def record(
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[dead_letters.c.body_sha256, dead_letters.c.reason],
-            set_={"attempts": dead_letters.c.attempts + 1, "last_seen": func.now()},
+            # Seen again after someone resolved it: it needs a look again.
+            set_={
+                "attempts": dead_letters.c.attempts + 1,
+                "last_seen": func.now(),
+                "status": "open",
+            },
         )
     )
     log.warning(

@@ -86,7 +86,7 @@ def process(
     try:
         event = parse_event(body, config.max_body_bytes)
     except BadEvent as bad:
-        _db_retrying(config.db_attempts)(
+        with_db_retries(config.db_attempts)(
             dead_letters.record_now, engine, body, bad.reason, bad.detail
         )
         return Outcome("dead_lettered", reason=bad.reason)
@@ -94,7 +94,7 @@ def process(
     order_id = getattr(event, "subject", None)
     if config.verify_keys and not verify(event, config.verify_keys):
         detail = "no signature" if event.signature is None else "no key matches the signature"
-        _db_retrying(config.db_attempts)(
+        with_db_retries(config.db_attempts)(
             dead_letters.record_now,
             engine,
             body,
@@ -109,7 +109,7 @@ def process(
     failpoint("before_lock", body)
     lock = locks.acquire(event.source, event.id, order_id)
     try:
-        outcome = _db_retrying(config.db_attempts)(
+        outcome = with_db_retries(config.db_attempts)(
             _commit_once, engine, event, body, message_id, config
         )
     finally:
@@ -131,7 +131,8 @@ def process(
     return outcome
 
 
-def _db_retrying(attempts: int) -> Retrying:
+def with_db_retries(attempts: int) -> Retrying:
+    """Bounded, jittered retries of transient database errors (worker.db.is_transient)."""
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(attempts),

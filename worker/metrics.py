@@ -48,7 +48,7 @@ DUPLICATE_CAUSES = frozenset({"redelivery", "producer_retry", "same_key", "same_
 # A suspected duplicate order caught by its content (docs/duplicates.md) is applied and held,
 # or rejected, rather than counted as a duplicate outcome; its reason says so.
 _FINGERPRINT_REASONS = ("held: suspected duplicate", "suspected_duplicate")
-RETRY_REASONS = frozenset({"lock_busy", "too_early", "database", "poison"})
+RETRY_REASONS = frozenset({"lock_busy", "too_early", "database", "error"})
 DEAD_LETTER_REASONS = frozenset(
     {
         "malformed_json",
@@ -217,7 +217,7 @@ def observe_lock_busy() -> None:
 
 @_never_raises
 def observe_retry(reason: str) -> None:
-    """A delivery handed back to the broker: lock_busy, too_early, database or poison."""
+    """A delivery handed back to the broker: lock_busy, too_early, database or error."""
     m = _get()
     if m is not None:
         m.retries.labels(_bounded(reason, RETRY_REASONS) or OTHER).inc()

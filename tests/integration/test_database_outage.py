@@ -5,6 +5,7 @@ Runs against a private PostgreSQL so the shared server is never touched."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import Engine, create_engine, text
 
 from orderonce.config import Settings
@@ -92,4 +94,40 @@ def test_postgres_crashes_while_events_are_processed(
         assert "database unavailable" in logs or "OperationalError" in logs
     finally:
         publisher.close()
+        engine.dispose()
+
+
+def test_a_redelivered_message_is_not_lost_while_postgres_is_down(
+    db: Engine,
+    private_pg: PrivatePostgres,
+    workers: WorkerFactory,
+    servers: ServerUrls,
+    settings: Settings,
+) -> None:
+    # A redelivered message is counted in PostgreSQL before anything else (poison guard).
+    # With PostgreSQL down that count fails; the message must go back, never be acked.
+    publisher = Publisher(servers.redis_url, settings)
+    event = events.restock("SKU-R", 3)
+    publisher.publish(event)
+    publisher.close()
+    client = redis.Redis.from_url(servers.redis_url)
+    message = json.loads(client.lpop(settings.queue))  # type: ignore[arg-type]
+    message["properties"]["delivery_info"]["redelivered"] = True  # as kombu's restore marks it
+    message["headers"]["redelivered"] = True
+    client.rpush(settings.queue, json.dumps(message))
+
+    private_pg.stop("immediate")
+    workers.start(ORDERONCE_DATABASE_URL=private_pg.url)
+    time.sleep(4)
+    assert client.llen(settings.queue) + client.hlen("unacked") >= 1, "the message was acked"
+    private_pg.start()
+    engine = create_engine(private_pg.url, pool_pre_ping=True)
+    try:
+        wait_until(
+            lambda: _count(engine, "SELECT count(*) FROM inventory_movements") == 1,
+            60,
+            "the event to apply once PostgreSQL is back",
+        )
+        assert _count(engine, "SELECT on_hand FROM inventory") == 3
+    finally:
         engine.dispose()

@@ -220,3 +220,32 @@ def test_events_of_one_order_out_of_order(
     assert _count(db, "SELECT on_hand FROM inventory") == 94
     assert _count(db, "SELECT reserved FROM inventory") == 0
     _assert_verified(db)
+
+
+def test_waiting_for_a_lock_does_not_use_up_the_too_early_budget(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, servers: ServerUrls
+) -> None:
+    # Each cause of retry has its own budget: a long wait for a dead holder's lock must not
+    # park an event that is merely early (its order arrives right after).
+    # Too-early retries at least a second apart, so three of them outlast the order's arrival.
+    workers.start(
+        ORDERONCE_TOO_EARLY_MAX_RETRIES="3",
+        ORDERONCE_TOO_EARLY_BACKOFF_S="2",
+        ORDERONCE_TOO_EARLY_BACKOFF_MAX_S="3",
+        ORDERONCE_VISIBILITY_TIMEOUT_S="10",
+    )
+    order = events.uid("ORD")
+    pay = events.paid(order, "5.00")
+    redis.Redis.from_url(servers.redis_url).set(
+        lock_name(pay.source, pay.id), "dead-holder", px=3500
+    )
+    publisher.publish(events.restock("SKU-L", 5))
+    publisher.publish(pay)
+    time.sleep(3.3)  # about six lock_busy retries: more than the too-early budget
+    publisher.publish(events.created(order, [("SKU-L", 1, "5.00")]))
+    wait_until(
+        lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 1,
+        30,
+        "the early payment to apply once its order exists",
+    )
+    assert _count(db, "SELECT count(*) FROM dead_letters") == 0
