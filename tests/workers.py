@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -52,3 +54,20 @@ class WorkerFactory:
         for worker in self.started:
             if worker.alive():
                 worker.kill()
+
+
+def run_cli(
+    env: dict[str, str], *args: str, stdin: str | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``orderonce ARGS`` in a subprocess with the session's environment."""
+    result = subprocess.run(
+        [sys.executable, "-m", "orderonce", *args],
+        env={**os.environ, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    if ok:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from sqlalchemy import Engine, text
 
 from producers.publisher import to_json
 from tests import events
-from tests.workers import WorkerFactory, wait_until
+from tests.workers import WorkerFactory, run_cli, wait_until
 
-
-def _cli(
-    worker_env: dict[str, str], *args: str, stdin: str | None = None, ok: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "orderonce", *args],
-        env={**os.environ, **worker_env},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if ok:
-        assert result.returncode == 0, result.stderr[-2000:]
-    return result
+_cli = run_cli
 
 
 def test_publish_then_inspect(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -16,25 +13,11 @@ from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
 from tests.servers import ServerUrls
-from tests.workers import WorkerFactory, wait_until
+from tests.workers import WorkerFactory, run_cli, wait_until
 from worker import dead_letters, exactly_once, reports, retention
 from worker.locks import EventLocks, lock_client
 
-
-def _cli(
-    worker_env: dict[str, str], *args: str, stdin: str | None = None, ok: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "orderonce", *args],
-        env={**os.environ, **worker_env},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    if ok:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result
+_cli = run_cli
 
 
 def _json(worker_env: dict[str, str], *args: str, ok: bool = True) -> Any:
