@@ -26,6 +26,7 @@ test-unit: install
 
 bench: install
 	$(BIN)/python -m bench.duplicate_check
+	$(BIN)/python -m bench.throughput
 
 lint: install
 	$(BIN)/ruff check .
