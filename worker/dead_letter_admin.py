@@ -26,7 +26,6 @@ from schemas import CLOUD_EVENT, BadEvent, CloudEvent, parse_event, payload_hash
 from worker.dead_letters import BODY_KEEP_BYTES
 from worker.tables import dead_letters
 
-STATUSES = ("open", "replayed", "discarded")
 # Recorded by the Celery side before any event was read (worker/consumer.py, celery_app.py):
 # what they keep is the broker message or the task's arguments, not an event body.
 NOT_AN_EVENT_BODY = frozenset(

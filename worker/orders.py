@@ -164,15 +164,21 @@ def _set_status(
     )
 
 
-def _load(conn: Connection, order_id: str) -> domain.Order | None:
+def _load(conn: Connection, order_id: str) -> tuple[domain.Order | None, bool]:
+    """The order, locked, and whether it was ever held (only then can it have deferred events:
+    an order is created on hold exactly when it is linked to its original)."""
     row = conn.execute(
-        select(_o.status, _o.total, _o.currency).where(_o.order_id == order_id).with_for_update()
+        select(_o.status, _o.total, _o.currency, _o.duplicate_of.is_not(None))
+        .where(_o.order_id == order_id)
+        .with_for_update()
     ).first()
-    return None if row is None else domain.Order(order_id, domain.Status(row[0]), row[1], row[2])
+    if row is None:
+        return None, False
+    return domain.Order(order_id, domain.Status(row[0]), row[1], row[2]), bool(row[3])
 
 
 def transition_order(conn: Connection, event: OrderEvent) -> Result:
-    order = _load(conn, event.order_id)
+    order, held = _load(conn, event.order_id)
     decision = domain.decide(order, event)
     match decision:
         case domain.TooEarly(reason):
@@ -192,7 +198,8 @@ def transition_order(conn: Connection, event: OrderEvent) -> Result:
             return Deferred(reason)
     assert order is not None and isinstance(decision, domain.Transition)
     result = _apply(conn, event, order, decision)
-    _apply_deferred(conn, event.order_id)
+    if held:  # saves a query on every transition of the orders that never were
+        _apply_deferred(conn, event.order_id)
     return result
 
 
@@ -261,7 +268,7 @@ def _apply_deferred(conn: Connection, order_id: str) -> None:
         ).all()
         for source, event_id, body in rows:
             event = parse_event(body)
-            order = _load(conn, order_id)
+            order, _ = _load(conn, order_id)
             decision = domain.decide(order, event)  # type: ignore[arg-type]
             if isinstance(decision, domain.TooEarly | domain.Deferred):
                 continue

@@ -26,7 +26,6 @@ import orjson
 from schemas.events import OrderCreated, ShippingAddress
 
 Policy = Literal["hold", "reject", "allow"]
-POLICIES: tuple[Policy, ...] = ("hold", "reject", "allow")
 
 
 def _text(value: str | None) -> str:
