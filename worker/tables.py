@@ -217,3 +217,25 @@ message_deliveries = Table(
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
+
+outbox = Table(
+    "outbox",
+    metadata,
+    # The durable record of what was published, written before the broker send (or by an
+    # upstream system inside its own transaction). The relay (worker/relay.py) sends again what
+    # has no terminal record after a while: a broker that loses messages loses nothing here.
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("subject", Text),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Sends so far (0: written by an upstream transaction, the relay sends it first).
+    Column("sends", Integer, nullable=False, server_default="0"),
+    # When the relay looks at the row next; pushed out on every send, with backoff.
+    Column("due_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Set once the relay saw a terminal record (processed row, tombstone or dead letter).
+    Column("settled_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("source", "event_id"),
+    Index("ix_outbox_due_at", "due_at", postgresql_where=text("settled_at IS NULL")),
+)
