@@ -100,6 +100,52 @@ def worker(
 
 
 @app.command()
+def relay(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Send outbox events again until each has a terminal record (nothing lost by a broker)."""
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from orderonce import logs
+    from orderonce.config import resolve, settings
+    from producers import Publisher
+    from producers.relay import relay_once, run
+
+    logs.configure(loglevel)
+    s = settings()
+    publisher = Publisher(resolve().broker_url, s)
+    resend_after = timedelta(seconds=s.relay_resend_after_s)
+
+    def send(body: str) -> None:
+        publisher.send(body, retry=False)  # a failed send is retried by the next pass
+
+    try:
+        if once:
+            done = relay_once(
+                _engine(), send, batch_size=s.relay_batch_size, resend_after=resend_after
+            )
+            console.print(f"relay: {done.sent} sent, {done.settled} settled")
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        console.print("relay running")
+        run(
+            _engine(),
+            send,
+            batch_size=s.relay_batch_size,
+            resend_after=resend_after,
+            interval_s=s.relay_interval_s,
+            stop=stop,
+        )
+    finally:
+        publisher.close()
+
+
+@app.command()
 def publish(
     file: Annotated[str, typer.Argument(help="JSON lines of CloudEvents, or - for stdin.")] = "-",
     as_json: JsonFlag = False,
@@ -109,7 +155,7 @@ def publish(
     from producers import Publisher
 
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
-    publisher = Publisher(resolve().broker_url, settings())
+    publisher = Publisher(resolve().broker_url, settings(), outbox_engine=_engine())
     published = skipped = 0
     try:
         for line in stream:
@@ -176,30 +222,36 @@ def _operator_event(
         subject=order_id,
         id=f"{action}/{order_id}",
     )
-    publisher = Publisher(resolve().broker_url, settings())
-    try:
-        publisher.publish(event)
-    finally:
-        publisher.close()
+    engine = _engine()
+
+    def recorded() -> dict[str, Any] | None:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT outcome, reason FROM processed_messages"
+                    " WHERE source = :s AND event_id = :e"
+                ),
+                {"s": OPERATOR_SOURCE, "e": event.id},
+            ).first()
+        return None if row is None else {"outcome": row.outcome, "reason": row.reason}
+
     result: dict[str, Any] = {"event_id": event.id, "order_id": order_id, "outcome": "published"}
+    # Done before: say so. (Publishing again would change nothing either; looking first is what
+    # lets us tell the operator.)
+    if (before := recorded()) is not None:
+        result |= before | {"repeated": True}
+        wait = False
+    else:
+        publisher = Publisher(resolve().broker_url, settings(), outbox_engine=engine)
+        try:
+            publisher.publish(event)
+        finally:
+            publisher.close()
     if wait:
-        engine = _engine()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                row = conn.execute(
-                    text(
-                        "SELECT outcome, reason, duplicates FROM processed_messages"
-                        " WHERE source = :s AND event_id = :e"
-                    ),
-                    {"s": OPERATOR_SOURCE, "e": event.id},
-                ).first()
-            if row is not None:
-                result |= {
-                    "outcome": row.outcome,
-                    "reason": row.reason,
-                    "repeated": row.duplicates > 0,
-                }
+            if (now := recorded()) is not None:
+                result |= now | {"repeated": False}
                 break
             time.sleep(0.2)
         else:
