@@ -146,6 +146,72 @@ def relay(
 
 
 @app.command()
+def chaos(
+    events: Annotated[
+        int, typer.Option(help="Events to publish (copies and hostile input on top).")
+    ] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the workload and the fault schedule.")] = 1,
+    profile: Annotated[str, typer.Option(help="full (every fault, relay on) or control.")] = "full",
+    variant: Annotated[
+        str, typer.Option(help="correct, or a deliberately broken worker (negative control).")
+    ] = "correct",
+    drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the drain.")] = 600.0,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Try to break exactly-once: real workers, private PostgreSQL and Redis, seeded faults
+    (kills, pauses, restarts, lock wipes, copies, hostile input); exit 1 unless all checks hold."""
+    from orderonce.chaos.runner import ChaosOptions, run
+
+    if profile not in ("full", "control"):
+        console.print("[red]--profile must be full or control[/]")
+        raise typer.Exit(2)
+    report = run(
+        ChaosOptions(
+            events=events,
+            seed=seed,
+            profile=profile,  # type: ignore[arg-type]  # checked above
+            variant=variant,
+            drain_timeout_s=drain_timeout,
+        )
+    )
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if as_json:
+        _print_json(report)
+    else:
+        _print_chaos(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _print_chaos(report: dict[str, Any]) -> None:
+    table = Table(
+        title=f"chaos run: {report['variant']} ({report['profile']}, seed {report['seed']})"
+    )
+    table.add_column("check")
+    table.add_column("result")
+    for f in report["findings"]:
+        table.add_row(f["name"], "[green]ok[/]" if f["ok"] else f"[red]{f['detail']}[/]")
+    console.print(table)
+    for key in (
+        "events_published",
+        "publish_attempts",
+        "attempt_outcomes",
+        "faults",
+        "failpoint_hits",
+        "sigkills",
+        "worker_deaths",
+        "snapshots_checked",
+        "publish_s",
+        "drain_s",
+        "deliveries_per_event",
+        "max_deliveries",
+    ):
+        console.print(f"{key}: {report[key]}", highlight=False)
+
+
+@app.command()
 def publish(
     file: Annotated[str, typer.Argument(help="JSON lines of CloudEvents, or - for stdin.")] = "-",
     as_json: JsonFlag = False,

@@ -38,14 +38,21 @@ class OrderonceProcess:
 
     ready_marker = ""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path, argv: Sequence[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        log: Path,
+        argv: Sequence[str],
+        entry: Sequence[str] = ("-m", "orderonce"),
+    ) -> None:
         self.name = name
         self.env = env
         self.log = log
         self._out = log.open("ab")
         self._offset = self._out.tell()  # a restarted process may append to an earlier log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orderonce", *argv],
+            [sys.executable, *entry, *argv],
             env=env,
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -119,16 +126,20 @@ class WorkerProcess(OrderonceProcess):
         pool: str = "solo",
         concurrency: int = 1,
         args: Sequence[str] = (),
+        entry: Sequence[str] = ("-m", "orderonce"),
     ) -> None:
         self.pool = pool
         self.concurrency = concurrency
         self.args = tuple(args)
+        self.entry = tuple(entry)
         argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--name={name}@%h"]
-        super().__init__(name, env, log, [*argv, *args])
+        super().__init__(name, env, log, [*argv, *args], entry)
 
     def restarted(self) -> WorkerProcess:
         """A new worker with the same name, settings and log (after this one died)."""
-        return WorkerProcess(self.name, self.env, self.log, self.pool, self.concurrency, self.args)
+        return WorkerProcess(
+            self.name, self.env, self.log, self.pool, self.concurrency, self.args, self.entry
+        )
 
     def children(self) -> list[int]:
         """Pids of the pool processes (prefork), read from /proc."""
