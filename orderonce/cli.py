@@ -157,6 +157,9 @@ def chaos(
     ] = "correct",
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the drain.")] = 600.0,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep servers' data, logs and the publish log here.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Try to break exactly-once: real workers, private PostgreSQL and Redis, seeded faults
@@ -173,6 +176,7 @@ def chaos(
             profile=profile,  # type: ignore[arg-type]  # checked above
             variant=variant,
             drain_timeout_s=drain_timeout,
+            workdir=workdir,
         )
     )
     if out is not None:

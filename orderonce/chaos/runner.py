@@ -3,9 +3,11 @@ heal, drain and check (orderonce/chaos/checks.py). Returns a JSON-able report.
 
 Profiles:
 - ``full``: every fault of ../shared/FAULTS.md, the relay on; what ``make chaos`` runs.
-- ``control``: the faults that break the negative-control variants (failpoint kills in pool
-  children, racing copies, lock wipes, pauses), with no relay and no broker restarts, so a
-  message a broken worker acknowledged without an outcome stays lost and shows.
+- ``control``: the faults that break the negative-control variants, with no relay and no broker
+  restarts, so a message a broken worker acknowledged without an outcome stays lost and shows.
+  Locks live in a Redis of their own that goes down now and then (F4: copies racing with no
+  lock meet only the database there), and live long (20 s), so a copy requeued after its pool
+  process was killed finds its dead holder's lock still held (F2).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ TIMINGS: dict[str, Any] = {
     "relay_interval_s": 0.5,
     "max_body_bytes": 16 * 1024,
 }
-LOCK_TTL_S = TIMINGS["lock_ttl_ms"] / 1000
+CONTROL_TIMINGS = TIMINGS | {"lock_ttl_ms": 20_000}
 
 # Faults per 1,000 published events (at least the minimum), by profile.
 RATES: dict[Profile, dict[str, tuple[float, int]]] = {
@@ -72,7 +74,7 @@ RATES: dict[Profile, dict[str, tuple[float, int]]] = {
         "cold_shutdown": (0.05, 1),
         "relay_kill": (0.03, 1),
     },
-    "control": {"kill_child": (0.5, 1), "pause": (0.2, 1), "lock_wipe": (2.0, 8)},
+    "control": {"kill_child": (0.5, 1), "lock_outage": (4.0, 4)},
 }
 
 
@@ -121,11 +123,26 @@ class _Run:
     ) -> None:
         self.opts, self.workdir, self.pg, self.redis = opts, workdir, pg, rds
         self.rng = random.Random(opts.seed)
+        timings = TIMINGS if opts.profile == "full" else CONTROL_TIMINGS
+        self.lock_ttl_s = timings["lock_ttl_ms"] / 1000
+        self.lock_redis = (
+            PrivateRedis(workdir / "lock-redis") if opts.profile == "control" else None
+        )
+        self.lock_back_at: float | None = None
+        if self.lock_redis is not None:
+            self.lock_redis.start()
+        locks_url = self.lock_redis.url if self.lock_redis else rds.url
         self.settings = Settings(
-            database_url=pg.url, redis_url=rds.url, queue="orderonce.chaos", **TIMINGS
+            database_url=pg.url,
+            redis_url=locks_url,
+            broker_url=rds.url,
+            queue="orderonce.chaos",
+            **timings,
         )
         check_safety(self.settings)
-        per_window = opts.marked_per_window or max(3, opts.events // 5000)
+        per_window = opts.marked_per_window or max(
+            6 if opts.profile == "control" else 3, opts.events // 5000
+        )
         self.load = workload.build(
             opts.events,
             seed=opts.seed,
@@ -137,9 +154,9 @@ class _Run:
         self.once_dir.mkdir(exist_ok=True)
         self.env = {
             **os.environ,
-            **{f"ORDERONCE_{k.upper()}": str(v) for k, v in TIMINGS.items()},
+            **{f"ORDERONCE_{k.upper()}": str(v) for k, v in timings.items()},
             "ORDERONCE_DATABASE_URL": pg.url,
-            "ORDERONCE_REDIS_URL": rds.url,
+            "ORDERONCE_REDIS_URL": locks_url,
             "ORDERONCE_BROKER_URL": rds.url,
             "ORDERONCE_QUEUE": self.settings.queue,
             "ORDERONCE_FAILPOINTS": workload.failpoint_spec(),
@@ -194,6 +211,8 @@ class _Run:
                 self.relay.kill()
             publisher.close()
             self.log.close()
+            if self.lock_redis is not None:
+                self.lock_redis.stop()
         return self._report(engine, published_s, drained_s)
 
     def _publish(self, engine: Engine, publisher: Publisher) -> None:
@@ -302,7 +321,7 @@ class _Run:
         elif fault == "pause" and live:
             victim = rng.choice(live)
             victim.signal_group(signal.SIGSTOP)
-            self.paused[victim.proc.pid] = time.monotonic() + LOCK_TTL_S + rng.uniform(0.5, 3)
+            self.paused[victim.proc.pid] = time.monotonic() + self.lock_ttl_s + rng.uniform(0.5, 3)
             note(self.started, f"pause {victim.name} past the lock TTL")
         elif fault == "lock_wipe":
             client = redis.Redis.from_url(self.redis.url, socket_timeout=2)
@@ -315,6 +334,10 @@ class _Run:
                 pass
             finally:
                 client.close()
+        elif fault == "lock_outage" and self.lock_redis is not None:
+            self.lock_redis.stop()
+            self.lock_back_at = time.monotonic() + rng.uniform(2, 4)
+            note(self.started, "lock_outage (the lock Redis is down for a few seconds)")
         elif fault == "redis_restart":
             self.redis.restart()
             note(self.started, "redis_restart (broker queue and locks lost)")
@@ -349,6 +372,9 @@ class _Run:
         """Restart dead workers; resume paused ones, and ones a failpoint stopped, once they
         have been stopped past the lock TTL."""
         now = time.monotonic()
+        if self.lock_redis is not None and self.lock_back_at and now >= self.lock_back_at:
+            self.lock_redis.start()
+            self.lock_back_at = None
         for i, w in enumerate(self.workers):
             if not w.alive():
                 self.tally.worker_deaths += 1
@@ -365,7 +391,7 @@ class _Run:
             for pid in [w.proc.pid, *w.children()]:
                 if _stopped(pid):
                     since = self.stopped_since.setdefault(pid, now)
-                    if now - since > LOCK_TTL_S + 1 and w.proc.pid not in self.paused:
+                    if now - since > self.lock_ttl_s + 1 and w.proc.pid not in self.paused:
                         os.kill(pid, signal.SIGCONT)
                         self.stopped_since.pop(pid, None)
                 else:
@@ -377,6 +403,8 @@ class _Run:
         self.paused.clear()
         self.pg.start()
         self.redis.start()
+        if self.lock_redis is not None:
+            self.lock_redis.start()
 
     def _heal_and_drain(self, engine: Engine) -> float:
         """Stop the faults, then wait (bounded) until every outbox row has a terminal record."""
