@@ -100,6 +100,118 @@ def worker(
 
 
 @app.command()
+def relay(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Send outbox events again until each has a terminal record (nothing lost by a broker)."""
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from orderonce import logs
+    from orderonce.config import resolve, settings
+    from producers import Publisher
+    from producers.relay import relay_once, run
+
+    logs.configure(loglevel)
+    s = settings()
+    publisher = Publisher(resolve().broker_url, s)
+    resend_after = timedelta(seconds=s.relay_resend_after_s)
+
+    def send(body: str) -> None:
+        publisher.send(body, retry=False)  # a failed send is retried by the next pass
+
+    try:
+        if once:
+            done = relay_once(
+                _engine(), send, batch_size=s.relay_batch_size, resend_after=resend_after
+            )
+            console.print(f"relay: {done.sent} sent, {done.settled} settled")
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        console.print("relay running")
+        run(
+            _engine(),
+            send,
+            batch_size=s.relay_batch_size,
+            resend_after=resend_after,
+            interval_s=s.relay_interval_s,
+            stop=stop,
+        )
+    finally:
+        publisher.close()
+
+
+@app.command()
+def chaos(
+    events: Annotated[
+        int, typer.Option(help="Events to publish (copies and hostile input on top).")
+    ] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the workload and the fault schedule.")] = 1,
+    profile: Annotated[str, typer.Option(help="full (every fault, relay on) or control.")] = "full",
+    variant: Annotated[
+        str, typer.Option(help="correct, or a deliberately broken worker (negative control).")
+    ] = "correct",
+    drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the drain.")] = 600.0,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Try to break exactly-once: real workers, private PostgreSQL and Redis, seeded faults
+    (kills, pauses, restarts, lock wipes, copies, hostile input); exit 1 unless all checks hold."""
+    from orderonce.chaos.runner import ChaosOptions, run
+
+    if profile not in ("full", "control"):
+        console.print("[red]--profile must be full or control[/]")
+        raise typer.Exit(2)
+    report = run(
+        ChaosOptions(
+            events=events,
+            seed=seed,
+            profile=profile,  # type: ignore[arg-type]  # checked above
+            variant=variant,
+            drain_timeout_s=drain_timeout,
+        )
+    )
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if as_json:
+        _print_json(report)
+    else:
+        _print_chaos(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _print_chaos(report: dict[str, Any]) -> None:
+    table = Table(
+        title=f"chaos run: {report['variant']} ({report['profile']}, seed {report['seed']})"
+    )
+    table.add_column("check")
+    table.add_column("result")
+    for f in report["findings"]:
+        table.add_row(f["name"], "[green]ok[/]" if f["ok"] else f"[red]{f['detail']}[/]")
+    console.print(table)
+    for key in (
+        "events_published",
+        "publish_attempts",
+        "attempt_outcomes",
+        "faults",
+        "failpoint_hits",
+        "sigkills",
+        "worker_deaths",
+        "snapshots_checked",
+        "publish_s",
+        "drain_s",
+        "deliveries_per_event",
+        "max_deliveries",
+    ):
+        console.print(f"{key}: {report[key]}", highlight=False)
+
+
+@app.command()
 def publish(
     file: Annotated[str, typer.Argument(help="JSON lines of CloudEvents, or - for stdin.")] = "-",
     as_json: JsonFlag = False,
@@ -109,7 +221,7 @@ def publish(
     from producers import Publisher
 
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
-    publisher = Publisher(resolve().broker_url, settings())
+    publisher = Publisher(resolve().broker_url, settings(), outbox_engine=_engine())
     published = skipped = 0
     try:
         for line in stream:
@@ -176,30 +288,36 @@ def _operator_event(
         subject=order_id,
         id=f"{action}/{order_id}",
     )
-    publisher = Publisher(resolve().broker_url, settings())
-    try:
-        publisher.publish(event)
-    finally:
-        publisher.close()
+    engine = _engine()
+
+    def recorded() -> dict[str, Any] | None:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT outcome, reason FROM processed_messages"
+                    " WHERE source = :s AND event_id = :e"
+                ),
+                {"s": OPERATOR_SOURCE, "e": event.id},
+            ).first()
+        return None if row is None else {"outcome": row.outcome, "reason": row.reason}
+
     result: dict[str, Any] = {"event_id": event.id, "order_id": order_id, "outcome": "published"}
+    # Done before: say so. (Publishing again would change nothing either; looking first is what
+    # lets us tell the operator.)
+    if (before := recorded()) is not None:
+        result |= before | {"repeated": True}
+        wait = False
+    else:
+        publisher = Publisher(resolve().broker_url, settings(), outbox_engine=engine)
+        try:
+            publisher.publish(event)
+        finally:
+            publisher.close()
     if wait:
-        engine = _engine()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                row = conn.execute(
-                    text(
-                        "SELECT outcome, reason, duplicates FROM processed_messages"
-                        " WHERE source = :s AND event_id = :e"
-                    ),
-                    {"s": OPERATOR_SOURCE, "e": event.id},
-                ).first()
-            if row is not None:
-                result |= {
-                    "outcome": row.outcome,
-                    "reason": row.reason,
-                    "repeated": row.duplicates > 0,
-                }
+            if (now := recorded()) is not None:
+                result |= now | {"repeated": False}
                 break
             time.sleep(0.2)
         else:

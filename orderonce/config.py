@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     lock_busy_countdown_s: float = 1.0
     poison_max_retries: int = 5
 
+    # The relay sends outbox rows that have no terminal record this long after their last
+    # send (backing off up to 8x on each further send), checking every relay_interval_s.
+    relay_resend_after_s: float = 60.0
+    relay_interval_s: float = 1.0
+    relay_batch_size: int = 500
+
     # A new order matching another live order of the same customer (same lines, total,
     # currency and address) submitted within this window is a suspected duplicate, and is
     # held for a person (hold), refused (reject) or taken as it is (allow).

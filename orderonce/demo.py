@@ -28,7 +28,7 @@ from sqlalchemy import Engine, text
 
 from orderonce.config import Settings, check_safety, resolve, settings
 from orderonce.demo_stream import DemoStream, build_stream
-from orderonce.processes import WorkerProcess
+from orderonce.processes import RelayProcess, WorkerProcess
 from producers import Publisher
 from worker import reports
 from worker.db import make_engine
@@ -49,6 +49,7 @@ TIMINGS = {
     "too_early_backoff_max_s": 2.0,
     "retry_backoff_max_s": 2.0,
     "too_early_max_retries": 60,
+    "relay_resend_after_s": 15,
 }
 
 
@@ -130,15 +131,16 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
     }
     logs = Path(tempfile.mkdtemp(prefix=f"orderonce-demo-{run_id}-"))
     workers = [WorkerProcess(f"demo{n}", env, logs / f"worker{n}.log") for n in range(opts.workers)]
-    publisher = Publisher(urls.broker_url, demo_settings)
+    relay = RelayProcess("demo-relay", env, logs / "relay.log")
+    publisher = Publisher(urls.broker_url, demo_settings, outbox_engine=engine)
     progress = Progress(total=len(stream.restocks) + len(stream.publications))
     started = time.monotonic()
     try:
         for w in workers:
             w.wait_ready()
-        for p in stream.restocks:
-            publisher.publish_raw(p.body)
-            progress.published += 1
+        relay.wait_ready()
+        publisher.publish_raw_many([p.body for p in stream.restocks])
+        progress.published += len(stream.restocks)
         _wait_for(
             lambda: _count_run(engine, stream)["applied"] >= len(stream.restocks),
             60,
@@ -146,9 +148,12 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
         )
 
         def publish_all() -> None:
-            for p in stream.publications:
-                publisher.publish_raw(p.body)
-                progress.published += 1
+            # In small chunks: one outbox transaction per chunk, as a busy checkout would.
+            bodies = [p.body for p in stream.publications]
+            for start in range(0, len(bodies), 25):
+                chunk = bodies[start : start + 25]
+                publisher.publish_raw_many(chunk)
+                progress.published += len(chunk)
             progress.done_publishing = True
 
         sender = threading.Thread(target=publish_all, daemon=True)
@@ -169,7 +174,7 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
                         f"[red]SIGKILL[/] worker {victim.name} (pid {victim.proc.pid}) at "
                         f"{settled:,} settled events; restarting it"
                     )
-                    workers[0] = WorkerProcess(victim.name, env, victim.log)
+                    workers[0] = victim.restarted()
                     killed = True
                 if live:
                     live.update(_live_view(progress, counts, stream, workers))
@@ -189,6 +194,7 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
         elapsed = time.monotonic() - started
     finally:
         publisher.close()
+        relay.terminate()
         for w in workers:
             w.terminate()
     report = _report(engine, stream, elapsed, opts, progress)

@@ -1,4 +1,5 @@
-"""Worker processes started by orderonce itself (the demo, the tests): start, watch, kill."""
+"""Processes started by orderonce itself (the demo, the chaos harness, the tests): workers and
+relays, each in its own process group; start, watch, signal, kill."""
 
 from __future__ import annotations
 
@@ -32,33 +33,26 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
-class WorkerProcess:
-    """One ``orderonce worker`` in its own process group (main process plus pool children)."""
+class OrderonceProcess:
+    """One ``orderonce`` command in its own process group (main process plus any children)."""
+
+    ready_marker = ""
 
     def __init__(
         self,
         name: str,
         env: dict[str, str],
         log: Path,
-        pool: str = "solo",
-        concurrency: int = 1,
-        args: Sequence[str] = (),
+        argv: Sequence[str],
+        entry: Sequence[str] = ("-m", "orderonce"),
     ) -> None:
         self.name = name
+        self.env = env
         self.log = log
         self._out = log.open("ab")
-        self._offset = self._out.tell()  # a restarted worker may append to an earlier log
+        self._offset = self._out.tell()  # a restarted process may append to an earlier log
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "orderonce",
-                "worker",
-                f"--pool={pool}",
-                f"--concurrency={concurrency}",
-                f"--name={name}@%h",
-                *args,
-            ],
+            [sys.executable, *entry, *argv],
             env=env,
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -85,12 +79,12 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 30) -> None:
         wait_until(
-            lambda: " ready." in self.text() or not self.alive(),
+            lambda: self.ready_marker in self.text() or not self.alive(),
             timeout,
-            f"worker {self.name} to start",
+            f"{self.name} to start",
         )
         if not self.alive():
-            raise WorkerDidNotStart(f"worker {self.name} exited at start:\n{self.text()[-3000:]}")
+            raise WorkerDidNotStart(f"{self.name} exited at start:\n{self.text()[-3000:]}")
 
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -108,7 +102,8 @@ class WorkerProcess:
         self._out.close()
 
     def terminate(self, timeout: float = 20) -> None:
-        """Warm shutdown: Celery finishes the event in hand, then exits."""
+        """Warm shutdown (a worker finishes the event in hand), then exit; killed if it takes
+        longer than ``timeout``."""
         self.signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
@@ -116,3 +111,51 @@ class WorkerProcess:
             self.kill()
             return
         self._out.close()
+
+
+class WorkerProcess(OrderonceProcess):
+    """One ``orderonce worker`` (a Celery worker: main process plus pool children)."""
+
+    ready_marker = " ready."
+
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        log: Path,
+        pool: str = "solo",
+        concurrency: int = 1,
+        args: Sequence[str] = (),
+        entry: Sequence[str] = ("-m", "orderonce"),
+    ) -> None:
+        self.pool = pool
+        self.concurrency = concurrency
+        self.args = tuple(args)
+        self.entry = tuple(entry)
+        argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--name={name}@%h"]
+        super().__init__(name, env, log, [*argv, *args], entry)
+
+    def restarted(self) -> WorkerProcess:
+        """A new worker with the same name, settings and log (after this one died)."""
+        return WorkerProcess(
+            self.name, self.env, self.log, self.pool, self.concurrency, self.args, self.entry
+        )
+
+    def children(self) -> list[int]:
+        """Pids of the pool processes (prefork), read from /proc."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.proc.pid:
+                    found.append(int(stat.parent.name))
+        return found
+
+
+class RelayProcess(OrderonceProcess):
+    """One ``orderonce relay``."""
+
+    ready_marker = "relay running"
+
+    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+        super().__init__(name, env, log, ["relay"])

@@ -3,23 +3,32 @@
 An event's id is fixed when it is built, so every retry of a publish sends the same (source, id)
 and the worker recognises the copies. Retrying is therefore always safe, and we do it on any
 broker error: a publish that may or may not have reached the broker is simply sent again.
+
+With an outbox engine, every body is first committed to the outbox table (producers/outbox.py)
+and only then sent: once ``publish`` returns, the event is durable even if the broker loses it
+or refuses it, because the relay sends it again until it has a terminal record.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from orderonce.broker import TASK_NAME, make_celery
 from orderonce.config import Settings
+from producers import outbox
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
 from schemas.signing import sign
+
+log = logging.getLogger(__name__)
 
 
 def build_event(
@@ -53,14 +62,24 @@ def to_json(event: CloudEvent) -> str:
 
 
 class Publisher:
-    """Sends events to the broker; safe to share within a process."""
+    """Sends events to the broker, through the outbox when given one; safe to share within a
+    process."""
 
-    def __init__(self, broker_url: str, settings: Settings, *, attempts: int = 8) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        settings: Settings,
+        *,
+        outbox_engine: Engine | None = None,
+        attempts: int = 8,
+    ) -> None:
         self._app = make_celery(broker_url, settings)
         self._queue = settings.queue
         self._key = (
             settings.signing_key.get_secret_value().encode() if settings.signing_key else None
         )
+        self._outbox = outbox_engine
+        self._resend_after = timedelta(seconds=settings.relay_resend_after_s)
         self._retrying = Retrying(
             retry=retry_if_exception_type((KombuOperationalError, ConnectionError, OSError)),
             stop=stop_after_attempt(attempts),
@@ -70,11 +89,41 @@ class Publisher:
 
     def publish(self, event: CloudEvent) -> None:
         """Send an event (signed, when a signing key is configured)."""
-        self.publish_raw(to_json(sign(event, self._key) if self._key else event))
+        self.publish_raw_many([self.body(event)])
+
+    def publish_many(self, events: Iterable[CloudEvent]) -> None:
+        """Send events; with an outbox, all are recorded in one transaction first."""
+        self.publish_raw_many([self.body(e) for e in events])
 
     def publish_raw(self, body: str) -> None:
         """Send a body as-is (already-serialised events, or replays of stored bodies)."""
-        self._retrying(self._app.send_task, TASK_NAME, args=[body], queue=self._queue, retry=False)
+        self.publish_raw_many([body])
+
+    def publish_raw_many(self, bodies: list[str]) -> None:
+        if self._outbox is None:
+            for body in bodies:
+                self.send(body)
+            return
+        with self._outbox.begin() as conn:
+            outbox.add(conn, bodies, sent=True, resend_after=self._resend_after)
+        for body in bodies:
+            try:
+                self.send(body)
+            except Exception as exc:  # durable already: the relay sends it once it is due
+                log.warning("broker send failed; the relay will send it from the outbox: %s", exc)
+
+    def body(self, event: CloudEvent) -> str:
+        return to_json(sign(event, self._key) if self._key else event)
+
+    def send(self, body: str, *, retry: bool = True) -> None:
+        """Send one body to the broker; with ``retry``, with backoff on broker errors."""
+        send = self._app.send_task
+        args = (TASK_NAME,)
+        options = {"args": [body], "queue": self._queue, "retry": False}
+        if retry:
+            self._retrying(send, *args, **options)
+        else:
+            send(*args, **options)
 
     def close(self) -> None:
         self._app.close()

@@ -107,6 +107,7 @@ def fast_timings(**overrides: object) -> dict[str, str]:
         "retry_backoff_max_s": 1.0,
         "too_early_max_retries": 40,
         "lock_busy_countdown_s": 0.5,
+        "relay_resend_after_s": 1,
         **overrides,
     }
     check_safety(Settings(**values))  # type: ignore[arg-type]  # refuses unsafe test timings

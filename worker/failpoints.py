@@ -4,16 +4,23 @@ Points (worker/exactly_once.py): ``before_lock``, ``before_commit``, ``after_com
 Off unless ``ORDERONCE_FAILPOINTS`` is set, e.g. ``before_commit=kill,after_commit=stop``.
 Actions: ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP it), ``sleep:SECONDS``, ``raise``
 (an unexpected error, as a bug would raise). ``ACTION~TEXT`` fires only for messages whose body
-contains TEXT (a poison message: ``before_commit=kill~SKU-POISON``). With
-``ORDERONCE_FAILPOINTS_ONCE_DIR`` set, each failpoint fires once across all processes (a marker
-file is created atomically), so a restarted worker goes on normally.
+contains TEXT (a poison message: ``before_commit=kill~SKU-POISON``). A point may have several
+rules (``before_commit=kill~FP-A,before_commit=raise~FP-B``); the first that matches fires.
+
+With ``ORDERONCE_FAILPOINTS_ONCE_DIR`` set, each point fires once across all processes (a marker
+file is created atomically), so a restarted worker goes on normally; a rule ending in ``~once``
+(``before_commit=kill~FP-A~once``) instead fires once per distinct message body, so every event
+carrying FP-A kills its worker exactly once — how the chaos harness hits each window on purpose —
+and one ending in ``~always`` fires every time (a poison message).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -22,25 +29,36 @@ class FailpointError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Rule:
+    action: str
+    match: bytes | None = None
+    once_per_body: bool = False
+    always: bool = False
+
+
 @cache
-def _configured() -> dict[str, tuple[str, bytes | None]]:
+def _configured() -> dict[str, list[Rule]]:
     spec = os.environ.get("ORDERONCE_FAILPOINTS", "")
-    points: dict[str, tuple[str, bytes | None]] = {}
+    points: dict[str, list[Rule]] = {}
     for item in spec.split(","):
         if "=" not in item:
             continue
-        name, action = (part.strip() for part in item.split("=", 1))
-        action, _, match = action.partition("~")
-        points[name] = (action, match.encode() if match else None)
+        name, rule = (part.strip() for part in item.split("=", 1))
+        action, _, rest = rule.partition("~")
+        match, _, flag = rest.partition("~")
+        points.setdefault(name, []).append(
+            Rule(action, match.encode() if match else None, flag == "once", flag == "always")
+        )
     return points
 
 
-def _first_time(name: str) -> bool:
+def _first_time(marker: str) -> bool:
     once_dir = os.environ.get("ORDERONCE_FAILPOINTS_ONCE_DIR")
     if not once_dir:
         return True
     try:
-        fd = os.open(Path(once_dir) / f"{name}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(Path(once_dir) / f"{marker}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
     os.write(fd, str(os.getpid()).encode())
@@ -49,12 +67,23 @@ def _first_time(name: str) -> bool:
 
 
 def failpoint(name: str, body: bytes = b"") -> None:
-    configured = _configured().get(name)
-    if configured is None:
+    rules = _configured().get(name)
+    if not rules:
         return
-    action, match = configured
-    if (match is not None and match not in body) or not _first_time(name):
+    for rule in rules:
+        if rule.match is not None and rule.match not in body:
+            continue
+        marker = name
+        if rule.once_per_body:
+            match = (rule.match or b"").decode(errors="replace")
+            marker = f"{name}~{match}~{hashlib.sha256(body).hexdigest()[:24]}"
+        if not rule.always and not _first_time(marker):
+            return
+        _act(name, rule.action)
         return
+
+
+def _act(name: str, action: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stop":

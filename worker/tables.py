@@ -222,12 +222,13 @@ outbox = Table(
     "outbox",
     metadata,
     # The durable record of what was published, written before the broker send (or by an
-    # upstream system inside its own transaction). The relay (worker/relay.py) sends again what
-    # has no terminal record after a while: a broker that loses messages loses nothing here.
-    Column("source", Text, nullable=False),
-    Column("event_id", Text, nullable=False),
-    Column("event_type", Text, nullable=False),
-    Column("subject", Text),
+    # upstream system inside its own transaction). The relay (producers/relay.py) sends again
+    # what has no terminal record after a while: a broker that loses messages loses nothing.
+    # Keyed by the body, so a raw body that is not even an event is kept too (its terminal
+    # record is then a dead letter with the same sha256).
+    Column("body_sha256", Text, primary_key=True),
+    Column("source", Text),
+    Column("event_id", Text),
     Column("body", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Sends so far (0: written by an upstream transaction, the relay sends it first).
@@ -236,6 +237,5 @@ outbox = Table(
     Column("due_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Set once the relay saw a terminal record (processed row, tombstone or dead letter).
     Column("settled_at", DateTime(timezone=True)),
-    PrimaryKeyConstraint("source", "event_id"),
     Index("ix_outbox_due_at", "due_at", postgresql_where=text("settled_at IS NULL")),
 )

@@ -19,10 +19,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "outbox",
-        sa.Column("source", sa.Text(), nullable=False),
-        sa.Column("event_id", sa.Text(), nullable=False),
-        sa.Column("event_type", sa.Text(), nullable=False),
-        sa.Column("subject", sa.Text(), nullable=True),
+        sa.Column("body_sha256", sa.Text(), nullable=False),
+        sa.Column("source", sa.Text(), nullable=True),
+        sa.Column("event_id", sa.Text(), nullable=True),
         sa.Column("body", sa.Text(), nullable=False),
         sa.Column(
             "created_at",
@@ -35,7 +34,7 @@ def upgrade() -> None:
             "due_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
         ),
         sa.Column("settled_at", sa.DateTime(timezone=True), nullable=True),
-        sa.PrimaryKeyConstraint("source", "event_id", name=op.f("pk_outbox")),
+        sa.PrimaryKeyConstraint("body_sha256", name=op.f("pk_outbox")),
     )
     op.create_index(
         "ix_outbox_due_at",

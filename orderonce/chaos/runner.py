@@ -1,0 +1,485 @@
+"""One chaos run: private servers, real workers and a relay, a publisher, seeded faults, then
+heal, drain and check (orderonce/chaos/checks.py). Returns a JSON-able report.
+
+Profiles:
+- ``full``: every fault of ../shared/FAULTS.md, the relay on; what ``make chaos`` runs.
+- ``control``: the faults that break the negative-control variants (failpoint kills in pool
+  children, racing copies, lock wipes, pauses), with no relay and no broker restarts, so a
+  message a broken worker acknowledged without an outcome stays lost and shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+from sqlalchemy import Engine, text
+
+from orderonce.chaos import broken, checks, publog, workload
+from orderonce.config import Settings, check_safety
+from orderonce.embedded import PrivatePostgres, PrivateRedis
+from orderonce.processes import RelayProcess, WorkerProcess
+from producers import Publisher, outbox
+from worker.db import make_engine
+from worker.migrate import upgrade
+
+Profile = Literal["full", "control"]
+
+TIMINGS: dict[str, Any] = {
+    "task_soft_time_limit_s": 2,
+    "task_time_limit_s": 3,
+    "lock_ttl_ms": 4000,
+    "visibility_timeout_s": 6,  # short: the broker's own redelivery is one of the faults
+    "restore_interval_s": 1,
+    "idle_in_transaction_timeout_ms": 1500,
+    "statement_timeout_ms": 2500,
+    "too_early_backoff_s": 0.2,
+    "too_early_backoff_max_s": 1.0,
+    "retry_backoff_max_s": 1.0,
+    # Follow-ups may wait for an order.created the broker lost until the relay resends it.
+    "too_early_max_retries": 400,
+    "lock_busy_countdown_s": 0.5,
+    "poison_max_retries": 3,
+    "relay_resend_after_s": 5,
+    "relay_interval_s": 0.5,
+    "max_body_bytes": 16 * 1024,
+}
+LOCK_TTL_S = TIMINGS["lock_ttl_ms"] / 1000
+
+# Faults per 1,000 published events (at least the minimum), by profile.
+RATES: dict[Profile, dict[str, tuple[float, int]]] = {
+    "full": {
+        "kill_main": (1.2, 2),
+        "kill_child": (0.8, 2),
+        "pause": (0.3, 1),
+        "lock_wipe": (0.2, 2),
+        "redis_restart": (0.1, 1),
+        "pg_restart": (0.05, 1),
+        "pg_terminate_backends": (0.1, 1),
+        "warm_shutdown": (0.05, 1),
+        "cold_shutdown": (0.05, 1),
+        "relay_kill": (0.03, 1),
+    },
+    "control": {"kill_child": (0.5, 1), "pause": (0.2, 1), "lock_wipe": (2.0, 8)},
+}
+
+
+@dataclass
+class ChaosOptions:
+    events: int = 100_000
+    seed: int = 1
+    profile: Profile = "full"
+    variant: str = "correct"
+    marked_per_window: int | None = None  # default: events / 5,000, at least 3
+    drain_timeout_s: float = 600.0
+    backlog: int = 300  # the publisher stays at most this many events ahead of the workers
+    workdir: Path | None = None
+    keep_workdir: bool = False
+
+
+@dataclass
+class Tally:
+    faults: Counter[str] = field(default_factory=Counter)
+    worker_deaths: int = 0
+    snapshots: int = 0
+    snapshot_violations: list[str] = field(default_factory=list)
+    timeline: list[str] = field(default_factory=list)
+
+    def note(self, started: float, what: str) -> None:
+        self.faults[what.split()[0]] += 1
+        self.timeline.append(f"{time.monotonic() - started:7.1f}s {what}")
+
+
+def run(opts: ChaosOptions) -> dict[str, Any]:
+    if opts.variant != "correct" and opts.variant not in broken.VARIANTS:
+        raise ValueError(f"variant must be 'correct' or one of {broken.VARIANTS}")
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="orderonce-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with PrivatePostgres(workdir / "pg") as pg, PrivateRedis(workdir / "redis") as rds:
+            return _Run(opts, workdir, pg, rds).execute()
+    finally:
+        if not opts.keep_workdir and opts.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Run:
+    def __init__(
+        self, opts: ChaosOptions, workdir: Path, pg: PrivatePostgres, rds: PrivateRedis
+    ) -> None:
+        self.opts, self.workdir, self.pg, self.redis = opts, workdir, pg, rds
+        self.rng = random.Random(opts.seed)
+        self.settings = Settings(
+            database_url=pg.url, redis_url=rds.url, queue="orderonce.chaos", **TIMINGS
+        )
+        check_safety(self.settings)
+        per_window = opts.marked_per_window or max(3, opts.events // 5000)
+        self.load = workload.build(
+            opts.events,
+            seed=opts.seed,
+            max_body_bytes=self.settings.max_body_bytes,
+            marked_per_window=per_window,
+            killers=0 if opts.profile == "control" else max(1, opts.events // 25_000),
+        )
+        self.once_dir = workdir / "failpoints"
+        self.once_dir.mkdir(exist_ok=True)
+        self.env = {
+            **os.environ,
+            **{f"ORDERONCE_{k.upper()}": str(v) for k, v in TIMINGS.items()},
+            "ORDERONCE_DATABASE_URL": pg.url,
+            "ORDERONCE_REDIS_URL": rds.url,
+            "ORDERONCE_BROKER_URL": rds.url,
+            "ORDERONCE_QUEUE": self.settings.queue,
+            "ORDERONCE_FAILPOINTS": workload.failpoint_spec(),
+            "ORDERONCE_FAILPOINTS_ONCE_DIR": str(self.once_dir),
+        }
+        self.tally = Tally()
+        self.published_ok = 0
+        self.publishing_done = threading.Event()
+        self.stop = threading.Event()
+        self.log = publog.PublishLog(workdir / "publish-log.jsonl")
+        self.started = time.monotonic()
+        self.workers: list[WorkerProcess] = []
+        self.relay: RelayProcess | None = None
+        self.paused: dict[int, float] = {}  # process group / pid -> when to resume
+        self.stopped_since: dict[int, float] = {}
+
+    # ---- the run -----------------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        engine = make_engine(self.pg.url, self.settings)
+        upgrade(engine)
+        if self.opts.variant != "correct":
+            with engine.begin() as conn:
+                broken.prepare_database(conn, self.opts.variant)
+        entry: tuple[str, ...] = ("-m", "orderonce")
+        if self.opts.variant != "correct":
+            entry = ("-m", "orderonce.chaos.broken", self.opts.variant)
+        pools = ["prefork", "prefork", "solo"] if self.opts.profile == "full" else ["prefork"] * 2
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        for n, pool in enumerate(pools):
+            self.workers.append(
+                WorkerProcess(f"chaos{n}", self.env, logs / f"worker{n}.log", pool, 2, entry=entry)
+            )
+        if self.opts.profile == "full":
+            self.relay = RelayProcess("relay", self.env, logs / "relay.log")
+        publisher = Publisher(self.redis.url, self.settings, attempts=1)
+        try:
+            for w in self.workers:
+                w.wait_ready(60)
+            sender = threading.Thread(target=self._publish, args=(engine, publisher), daemon=True)
+            sender.start()
+            self._inject_until_published(engine)
+            published_s = time.monotonic() - self.started
+            drained_s = self._heal_and_drain(engine)
+        finally:
+            self.stop.set()
+            self._heal()
+            for w in self.workers:
+                w.kill()
+            if self.relay:
+                self.relay.kill()
+            publisher.close()
+            self.log.close()
+        return self._report(engine, published_s, drained_s)
+
+    def _publish(self, engine: Engine, publisher: Publisher) -> None:
+        """The producer: every chunk is committed to the outbox, then sent; a chunk whose
+        commit failed, or may have, is tried again (a producer's retry, same bodies)."""
+        restocks, stream = self.load.restocks, self.load.publications
+        self._publish_chunk(engine, publisher, restocks)
+        self._wait(engine, lambda c: c >= len(restocks), 120)
+        for start in range(0, len(stream), 20):
+            if self.stop.is_set():
+                return
+            self._wait(engine, lambda c: self.published_ok - c <= self.opts.backlog, 60)
+            self._publish_chunk(engine, publisher, stream[start : start + 20])
+        self.publishing_done.set()
+
+    def _publish_chunk(
+        self, engine: Engine, publisher: Publisher, chunk: list[workload.Publication]
+    ) -> None:
+        resend_after = timedelta(seconds=self.settings.relay_resend_after_s)
+        bodies = [p.body for p in chunk]
+        while not self.stop.is_set():
+            outcome = self._commit_to_outbox(engine, bodies, resend_after)
+            self.log.record(chunk, outcome)
+            if outcome != "ok":
+                time.sleep(0.5)
+                continue
+            self.published_ok += len(chunk)
+            for body in bodies:
+                # Committed to the outbox already: if the broker is down, the relay sends it.
+                with contextlib.suppress(Exception):
+                    publisher.send(body, retry=False)
+            return
+
+    @staticmethod
+    def _commit_to_outbox(
+        engine: Engine, bodies: list[str], resend_after: timedelta
+    ) -> publog.Outcome:
+        try:
+            conn = engine.connect()
+        except Exception:
+            return "failed"
+        try:
+            try:
+                trans = conn.begin()
+                outbox.add(conn, bodies, sent=True, resend_after=resend_after)
+            except Exception:
+                return "failed"
+            try:
+                trans.commit()
+            except Exception:  # the commit may or may not have happened
+                return "unknown"
+            return "ok"
+        finally:
+            conn.close()
+
+    def _wait(self, engine: Engine, done: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                with engine.connect() as conn:
+                    count = conn.execute(text("SELECT count(*) FROM processed_messages"))
+                    if done(int(count.scalar_one())):
+                        return
+            except Exception:
+                pass  # the database is down for a while: a fault, not a reason to stop
+            time.sleep(0.05)
+
+    # ---- faults ------------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[float, str]]:
+        plan = []
+        for fault, (per_thousand, minimum) in RATES[self.opts.profile].items():
+            count = max(minimum, round(self.opts.events * per_thousand / 1000))
+            plan += [(self.rng.uniform(0.05, 0.95), fault) for _ in range(count)]
+        return sorted(plan)
+
+    def _inject_until_published(self, engine: Engine) -> None:
+        plan = self._schedule()
+        total = len(self.load.restocks) + len(self.load.publications)
+        last_snapshot = 0.0
+        while not self.publishing_done.is_set():
+            self._supervise()
+            progress = self.published_ok / total
+            while plan and plan[0][0] <= progress:
+                self._inject(plan.pop(0)[1], engine)
+            if time.monotonic() - last_snapshot > 2:
+                self._snapshot(engine)
+                last_snapshot = time.monotonic()
+            time.sleep(0.1)
+        for _, fault in plan:  # publishing outran the plan: the rest now
+            self._inject(fault, engine)
+
+    def _inject(self, fault: str, engine: Engine) -> None:
+        rng, note = self.rng, self.tally.note
+        live = [w for w in self.workers if w.alive()]
+        if fault == "kill_main" and live:
+            victim = rng.choice(live)
+            victim.signal_group(signal.SIGKILL)
+            note(self.started, f"kill_main {victim.name}")
+        elif fault == "kill_child":
+            children = [(w, c) for w in live for c in w.children()]
+            if children:
+                victim, pid = rng.choice(children)
+                os.kill(pid, signal.SIGKILL)
+                note(self.started, f"kill_child {victim.name} pid {pid}")
+        elif fault == "pause" and live:
+            victim = rng.choice(live)
+            victim.signal_group(signal.SIGSTOP)
+            self.paused[victim.proc.pid] = time.monotonic() + LOCK_TTL_S + rng.uniform(0.5, 3)
+            note(self.started, f"pause {victim.name} past the lock TTL")
+        elif fault == "lock_wipe":
+            client = redis.Redis.from_url(self.redis.url, socket_timeout=2)
+            try:
+                keys = list(client.scan_iter("orderonce:lock:*"))
+                if keys:
+                    client.delete(*keys)
+                note(self.started, f"lock_wipe {len(keys)} keys")
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+        elif fault == "redis_restart":
+            self.redis.restart()
+            note(self.started, "redis_restart (broker queue and locks lost)")
+        elif fault == "pg_restart":
+            self.pg.stop("immediate")
+            time.sleep(rng.uniform(0.2, 1.5))
+            self.pg.start()
+            note(self.started, "pg_restart (immediate stop)")
+        elif fault == "pg_terminate_backends":
+            try:
+                with engine.connect() as conn:
+                    ended = conn.execute(
+                        text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                            " AND state IN ('active', 'idle in transaction')"
+                        )
+                    ).scalar_one()
+                note(self.started, f"pg_terminate_backends {ended}")
+            except Exception:
+                pass
+        elif fault in ("warm_shutdown", "cold_shutdown") and live:
+            victim = rng.choice(live)
+            victim.signal_main(signal.SIGTERM if fault == "warm_shutdown" else signal.SIGQUIT)
+            note(self.started, f"{fault} {victim.name}")
+        elif fault == "relay_kill" and self.relay is not None:
+            self.relay.kill()
+            self.relay = RelayProcess("relay", self.env, self.relay.log)
+            note(self.started, "relay_kill (restarted)")
+
+    def _supervise(self) -> None:
+        """Restart dead workers; resume paused ones, and ones a failpoint stopped, once they
+        have been stopped past the lock TTL."""
+        now = time.monotonic()
+        for i, w in enumerate(self.workers):
+            if not w.alive():
+                self.tally.worker_deaths += 1
+                w.kill()  # reap, and close its log
+                self.workers[i] = w.restarted()
+        if self.relay is not None and not self.relay.alive():
+            self.relay.kill()
+            self.relay = RelayProcess("relay", self.env, self.relay.log)
+        for pgid, resume_at in list(self.paused.items()):
+            if now >= resume_at:
+                _signal_group(pgid, signal.SIGCONT)
+                del self.paused[pgid]
+        for w in self.workers:
+            for pid in [w.proc.pid, *w.children()]:
+                if _stopped(pid):
+                    since = self.stopped_since.setdefault(pid, now)
+                    if now - since > LOCK_TTL_S + 1 and w.proc.pid not in self.paused:
+                        os.kill(pid, signal.SIGCONT)
+                        self.stopped_since.pop(pid, None)
+                else:
+                    self.stopped_since.pop(pid, None)
+
+    def _heal(self) -> None:
+        for w in self.workers:
+            w.signal_group(signal.SIGCONT)
+        self.paused.clear()
+        self.pg.start()
+        self.redis.start()
+
+    def _heal_and_drain(self, engine: Engine) -> float:
+        """Stop the faults, then wait (bounded) until every outbox row has a terminal record."""
+        self._heal()
+        began = time.monotonic()
+        deadline = began + self.opts.drain_timeout_s
+        while time.monotonic() < deadline:
+            self._supervise()
+            try:
+                with engine.connect() as conn:
+                    if conn.execute(text(_UNSETTLED)).scalar_one() == 0:
+                        return time.monotonic() - began
+            except Exception:
+                pass
+            time.sleep(0.5)
+        return float("nan")  # did not drain: the checks will say what is missing
+
+    def _snapshot(self, engine: Engine) -> None:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+                found = checks.invariants(conn)
+        except Exception:
+            return  # the database is down just now
+        self.tally.snapshots += 1
+        for f in found:
+            if not f.ok:
+                self.tally.snapshot_violations.append(f.detail)
+
+    # ---- the verdict -------------------------------------------------------------------
+
+    def _report(self, engine: Engine, published_s: float, drained_s: float) -> dict[str, Any]:
+        attempts = list(publog.read(self.log.path))
+        with engine.connect() as conn:
+            findings = checks.final(conn, attempts, self.load.restocks)
+            outcomes = checks.attempt_outcomes(conn, attempts)
+            deliveries = conn.execute(
+                text(
+                    "SELECT count(*), coalesce(sum(1 + duplicates), 0),"
+                    " coalesce(max(1 + duplicates), 0) FROM processed_messages"
+                )
+            ).one()
+        engine.dispose()
+        # Marker files are named point~match~body-hash (worker/failpoints.py).
+        fired = Counter("~".join(p.stem.split("~")[:2]) for p in self.once_dir.glob("*.fired"))
+        kills_by_failpoint = sum(
+            fired[f"{point}~{marker}"]
+            for marker, (point, action) in workload.WINDOWS.items()
+            if action == "kill"
+        )
+        kills = (
+            self.tally.faults["kill_main"] + self.tally.faults["kill_child"] + kills_by_failpoint
+        )
+        if self.tally.snapshot_violations:
+            findings.append(
+                checks.Finding(
+                    "invariants_on_snapshots",
+                    False,
+                    len(self.tally.snapshot_violations),
+                    "; ".join(self.tally.snapshot_violations[:3]),
+                )
+            )
+        events = int(deliveries[0])
+        return {
+            "ok": all(f.ok for f in findings),
+            "variant": self.opts.variant,
+            "profile": self.opts.profile,
+            "seed": self.opts.seed,
+            "events_published": len({a.identity or a.sha256 for a in attempts}),
+            "publish_attempts": len(attempts),
+            "attempt_outcomes": outcomes,
+            "marked_events": self.load.marked,
+            "failpoint_hits": dict(fired),
+            "faults": dict(self.tally.faults),
+            "sigkills": kills,
+            "worker_deaths": self.tally.worker_deaths,
+            "snapshots_checked": self.tally.snapshots,
+            "publish_s": round(published_s, 1),
+            "drain_s": None if drained_s != drained_s else round(drained_s, 1),
+            "deliveries_per_event": round(int(deliveries[1]) / events, 3) if events else 0,
+            "max_deliveries": int(deliveries[2]),
+            "findings": [f.as_dict() for f in findings],
+            "timeline": self.tally.timeline,
+            "workdir": str(self.workdir),
+        }
+
+
+_UNSETTLED = """
+SELECT count(*) FROM outbox o
+WHERE NOT EXISTS (SELECT 1 FROM processed_messages p
+                  WHERE p.source = o.source AND p.event_id = o.event_id)
+  AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.body_sha256 = o.body_sha256)
+"""
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
