@@ -1,5 +1,11 @@
-# The image every orderonce service runs (worker, migrations, publisher).
-FROM python:3.12-slim
+# The image every orderonce service in compose.yaml runs (worker, migrations, relay, publisher):
+# ENTRYPOINT is the orderonce CLI, so a service's `command` is just the subcommand.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 10001 orderonce
 WORKDIR /app
@@ -8,9 +14,12 @@ COPY orderonce ./orderonce
 COPY worker ./worker
 COPY producers ./producers
 COPY schemas ./schemas
-RUN pip install --no-cache-dir .
+# Runtime dependencies only: no `[dev]` extra (no test, lint or type-checking tools).
+RUN pip install .
 
-# Least privilege: the worker needs no root, no writable code and no shell.
+# Least privilege: the worker needs no root and no writable code; the embedded servers are
+# never used here (compose sets every ORDERONCE_*_URL), but their state dir must be writable.
 USER orderonce
+WORKDIR /home/orderonce
 ENTRYPOINT ["orderonce"]
 CMD ["worker"]
