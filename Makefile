@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint format bench clean down
+.PHONY: install demo test test-unit lint format bench chaos clean down
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test-unit: install
 bench: install
 	$(BIN)/python -m bench.duplicate_check
 	$(BIN)/python -m bench.throughput
+
+# 100,000 events under every fault of docs/guarantees.md; the JSON result lands in chaos-results/.
+chaos: install
+	@mkdir -p chaos-results
+	$(BIN)/orderonce chaos --events $${CHAOS_EVENTS:-100000} --seed $${CHAOS_SEED:-1} \
+		--out chaos-results/chaos-$${CHAOS_SEED:-1}.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -75,6 +75,7 @@ def build(
     duplicate_rate: float = 0.05,
     hostile_rate: float = 0.01,
     marked_per_window: int = 3,
+    windows: tuple[str, ...] = tuple(WINDOWS),
     killers: int = 1,
 ) -> Workload:
     rng = random.Random(seed)
@@ -85,7 +86,7 @@ def build(
         Publication(p.body, "duplicate_copy" if p.kind == "producer_retry" else "valid", p.key)
         for p in stream.publications
     ]
-    pubs, marked = _mark(pubs, rng, marked_per_window)
+    pubs, marked = _mark(pubs, rng, marked_per_window, windows)
     hostile = max(len(HOSTILE), round(len(pubs) * hostile_rate))
     source = f"chaos/{run}/hostile"
     for n in range(hostile):
@@ -98,16 +99,16 @@ def build(
 
 
 def _mark(
-    pubs: list[Publication], rng: random.Random, per_window: int
+    pubs: list[Publication], rng: random.Random, per_window: int, windows: tuple[str, ...]
 ) -> tuple[list[Publication], dict[str, int]]:
     """Give some events a marked id (all copies of one event alike); the slow ones get a racing
     copy right behind them."""
     by_identity = [p.identity for p in pubs if p.kind == "valid" and p.identity]
-    chosen = rng.sample(by_identity, min(len(by_identity), per_window * len(WINDOWS)))
+    chosen = rng.sample(by_identity, min(len(by_identity), per_window * len(windows)))
     renamed = {
         identity: f"{marker}{uuid.UUID(int=rng.getrandbits(128))}"
         for identity, marker in zip(
-            chosen, [m for m in WINDOWS for _ in range(per_window)], strict=False
+            chosen, [m for m in windows for _ in range(per_window)], strict=False
         )
     }
     out: list[Publication] = []
@@ -122,7 +123,7 @@ def _mark(
         out.append(moved)
         if new_id.startswith("fp-sl-") and p.kind == "valid":
             out.append(Publication(body, "duplicate_copy", moved.identity))
-    counts = {m: sum(new.startswith(m) for new in renamed.values()) for m in WINDOWS}
+    counts = {m: sum(new.startswith(m) for new in renamed.values()) for m in windows}
     return out, counts
 
 

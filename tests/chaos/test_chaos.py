@@ -1,0 +1,54 @@
+"""The chaos harness inside the test suite: a small seeded run of every fault must find nothing
+lost, duplicated or unexpected, with every failpoint window hit at least three times; and the
+same checks must turn red for each deliberately broken worker (a checker that never shows red
+proves nothing). Private PostgreSQL and Redis servers: the harness restarts them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orderonce.chaos import broken, workload
+from orderonce.chaos.runner import ChaosOptions, run
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+
+
+def _failed(report: dict[str, object]) -> set[str]:
+    return {f["name"] for f in report["findings"] if not f["ok"]}  # type: ignore[attr-defined, index]
+
+
+def test_a_seeded_run_of_every_fault_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    report = run(ChaosOptions(events=2000, seed=11, drain_timeout_s=240, workdir=tmp_path))
+    assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
+    hits = report["failpoint_hits"]
+    for marker, (point, _) in workload.WINDOWS.items():
+        assert hits.get(f"{point}~{marker}", 0) >= 3, hits  # type: ignore[attr-defined]
+    faults = report["faults"]
+    for fault in ("kill_main", "kill_child", "pause", "redis_restart", "pg_restart", "lock_wipe"):
+        assert faults.get(fault, 0) >= 1, faults  # type: ignore[attr-defined]
+    outcomes = report["attempt_outcomes"]
+    assert outcomes["duplicate"] > 0 and outcomes["dead_lettered"] > 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("variant", ["correct", *broken.VARIANTS])
+def test_negative_controls_show_red(variant: str, tmp_path: Path) -> None:
+    report = run(
+        ChaosOptions(
+            events=600,
+            seed=5,
+            profile="control",
+            variant=variant,
+            drain_timeout_s=60 if variant == "correct" else 10,
+            workdir=tmp_path,
+        )
+    )
+    failed = _failed(report)
+    if variant == "correct":
+        assert not failed, report["findings"]
+        return
+    expected = (
+        {"lost"} if variant in ("ack_before_commit", "skip_when_locked") else {"duplicated_effects"}
+    )
+    assert expected <= failed, (variant, report["findings"])
