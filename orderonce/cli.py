@@ -436,22 +436,25 @@ def prune(
     as_json: JsonFlag = False,
 ) -> None:
     """Move old processed-messages rows to tombstones, which still catch late duplicates
-    (worker/retention.py). Deferred events are kept."""
+    (worker/retention.py); delete outbox rows settled as long ago. Deferred events are kept."""
     from orderonce.config import settings
+    from producers import outbox
     from worker import retention
 
     try:
+        age = retention.parse_duration(older_than)
         report = retention.prune(
             _engine(),
-            retention.parse_duration(older_than),
+            age,
             statement_timeout_s=settings().statement_timeout_ms / 1000,
             dry_run=dry_run,
         )
     except ValueError as exc:  # a bad duration, or settings prune cannot be safe with
         console.print(f"[red]refusing to prune:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    outbox_rows = outbox.prune_settled(_engine(), age, dry_run=dry_run)
     if as_json:
-        _print_json(report.__dict__)
+        _print_json(report.__dict__ | {"outbox_rows_deleted": outbox_rows})
         return
     verb = "would move" if dry_run else "moved"
     console.print(
@@ -460,6 +463,8 @@ def prune(
         + (" (dry run: nothing changed)" if dry_run else f" ({report.batches} batches)"),
         highlight=False,
     )
+    deleted = "would delete" if dry_run else "deleted"
+    console.print(f"{deleted} {outbox_rows} settled outbox rows", highlight=False)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import orjson
-from sqlalchemy import Connection, func
+from sqlalchemy import Connection, Engine, func, text
 from sqlalchemy.dialects.postgresql import insert
 
 from worker.tables import outbox
@@ -73,3 +73,31 @@ def add(
     stmt = insert(outbox).values(sends=int(sent), due_at=func.now() + resend_after)
     result = conn.execute(stmt.on_conflict_do_nothing(), rows)
     return result.rowcount
+
+
+def prune_settled(engine: Engine, older_than: timedelta, *, dry_run: bool = False) -> int:
+    """Delete outbox rows settled longer ago than ``older_than`` (in batches, each its own short
+    transaction); the number deleted, or that would be. Unsettled rows are never touched: they
+    are what the relay still has to deliver."""
+    cutoff = {"cutoff": older_than}
+    if dry_run:
+        with engine.connect() as conn:
+            return int(conn.execute(_COUNT_SETTLED, cutoff).scalar_one())
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            batch = conn.execute(_DELETE_SETTLED, cutoff).rowcount
+        deleted += batch
+        if batch < PRUNE_BATCH:
+            return deleted
+
+
+PRUNE_BATCH = 5_000
+_COUNT_SETTLED = text("SELECT count(*) FROM outbox WHERE settled_at < now() - :cutoff")
+_DELETE_SETTLED = text(
+    f"""
+    DELETE FROM outbox WHERE body_sha256 IN (
+        SELECT body_sha256 FROM outbox WHERE settled_at < now() - :cutoff LIMIT {PRUNE_BATCH}
+    )
+    """
+)

@@ -123,3 +123,22 @@ def test_a_body_that_is_not_an_event_settles_by_its_dead_letter(
 
 def _relay_due(db: Engine) -> int:
     return _scalar(db, "SELECT count(*) FROM outbox WHERE settled_at IS NULL AND due_at <= now()")
+
+
+def test_prune_deletes_old_settled_rows_and_never_unsettled_ones(
+    db: Engine, publisher: Publisher
+) -> None:
+    with db.begin() as conn:
+        outbox.add(conn, [publisher.body(events.restock("SKU-P", n)) for n in range(1, 4)])
+        conn.execute(
+            text(
+                "UPDATE outbox SET settled_at = now() - interval '2 days',"
+                " created_at = now() - interval '3 days'"
+                " WHERE body_sha256 IN (SELECT body_sha256 FROM outbox LIMIT 2)"
+            )
+        )
+        conn.execute(text("UPDATE outbox SET created_at = now() - interval '3 days'"))
+    assert outbox.prune_settled(db, timedelta(days=1), dry_run=True) == 2
+    assert outbox.prune_settled(db, timedelta(days=3)) == 0
+    assert outbox.prune_settled(db, timedelta(days=1)) == 2
+    assert _scalar(db, "SELECT count(*) FROM outbox WHERE settled_at IS NULL") == 1
