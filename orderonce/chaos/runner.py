@@ -166,6 +166,9 @@ class _Run:
         }
         self.tally = Tally()
         self.published_ok = 0
+        # Identities published ok that will get a processed row (poison gets a dead letter
+        # only; raw hostile bodies have none): how far the workers are behind.
+        self.awaiting_rows: set[tuple[str, str]] = set()
         self.publishing_done = threading.Event()
         self.stop = threading.Event()
         self.log = publog.PublishLog(workdir / "publish-log.jsonl")
@@ -226,7 +229,7 @@ class _Run:
         for start in range(0, len(stream), 20):
             if self.stop.is_set():
                 return
-            self._wait(engine, lambda c: self.published_ok - c <= self.opts.backlog, 60)
+            self._wait(engine, lambda c: len(self.awaiting_rows) - c <= self.opts.backlog, 60)
             self._publish_chunk(engine, publisher, stream[start : start + 20])
         self.publishing_done.set()
 
@@ -242,6 +245,9 @@ class _Run:
                 time.sleep(0.5)
                 continue
             self.published_ok += len(chunk)
+            self.awaiting_rows.update(
+                p.identity for p in chunk if p.identity is not None and p.kind != "poison"
+            )
             for body in bodies:
                 # Committed to the outbox already: if the broker is down, the relay sends it.
                 with contextlib.suppress(Exception):
