@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = 30.0
     lock_busy_countdown_s: float = 1.0
     poison_max_retries: int = 5
+    # Batch mode: a batch message with more events than this is split into single-event
+    # messages rather than held in one transaction for too long.
+    batch_max_events: int = 1000
 
     # A new order matching another live order of the same customer (same lines, total,
     # currency and address) submitted within this window is a suspected duplicate, and is

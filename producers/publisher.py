@@ -8,14 +8,14 @@ broker error: a publish that may or may not have reached the broker is simply se
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from orderonce.broker import TASK_NAME, make_celery
+from orderonce.broker import BATCH_TASK_NAME, TASK_NAME, make_celery
 from orderonce.config import Settings
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
@@ -75,6 +75,22 @@ class Publisher:
     def publish_raw(self, body: str) -> None:
         """Send a body as-is (already-serialised events, or replays of stored bodies)."""
         self._retrying(self._app.send_task, TASK_NAME, args=[body], queue=self._queue, retry=False)
+
+    def publish_batch(self, events: Sequence[CloudEvent]) -> None:
+        """Send many events as one message (batch mode): the worker applies them in one
+        transaction, each exactly once and with its own outcome. Order within the batch is
+        kept; retrying sends the same events, so copies are recognised as for one event."""
+        self.publish_raw_batch([to_json(sign(e, self._key) if self._key else e) for e in events])
+
+    def publish_raw_batch(self, bodies: Sequence[str]) -> None:
+        """Send already-serialised events as one batch message."""
+        self._retrying(
+            self._app.send_task,
+            BATCH_TASK_NAME,
+            args=[list(bodies)],
+            queue=self._queue,
+            retry=False,
+        )
 
     def close(self) -> None:
         self._app.close()
