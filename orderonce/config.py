@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # Batch mode: a batch message with more events than this is split into single-event
     # messages rather than held in one transaction for too long.
     batch_max_events: int = 1000
+    # Events of a batch too early for it (their order is being created by a batch still in
+    # flight on another worker, most often) are tried again this many times within the task,
+    # a few tens of milliseconds apart, before they go to the single-event path's backoff.
+    batch_too_early_retries: int = 3
 
     # A new order matching another live order of the same customer (same lines, total,
     # currency and address) submitted within this window is a suspected duplicate, and is

@@ -178,7 +178,8 @@ class BatchEffects:
         self._priors: list[_Order] = []  # orders a new submission may repeat (not locked)
         self._stock: dict[str, domain.Stock] = {}
         self._stock_before: dict[str, domain.Stock] = {}
-        self._tainted: set[str] = set()  # orders with an event handed back
+        # Orders with an event handed back, and why: their later events follow it there.
+        self._tainted: dict[str, Literal["too_early", "single_path"]] = {}
         self._movements: list[dict[str, object]] = []
         self._ledger: list[dict[str, object]] = []
         self._lines: list[dict[str, object]] = []
@@ -245,13 +246,13 @@ class BatchEffects:
             return Applied()
         order_id = event.order_id
         if order_id in self._tainted:
-            return self._punt(order_id, "single_path", "an earlier event of its order was")
+            return self._punt(order_id, self._tainted[order_id], "after an earlier event of it")
         if isinstance(event, OrderCreatedEvent):
             return self._create(event)
         return self._transition(event)
 
     def _punt(self, order_id: str, why: Literal["too_early", "single_path"], reason: str) -> Punt:
-        self._tainted.add(order_id)
+        self._tainted.setdefault(order_id, why)
         return Punt(why, reason)
 
     def _prior(self, match: Iterable[_Order]) -> submissions.Prior | None:

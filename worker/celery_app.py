@@ -282,21 +282,16 @@ def _handle_batch(
         # Find the event that ends its worker: alone, it gets the single path's poison limit.
         return _split(bodies, f"delivered {deliveries} times without an outcome")
     try:
-        result = exactly_once_batch.process_batch(
-            [as_bytes(b) for b in bodies],
-            engine=rt.engine,
-            locks=rt.batch_locks,
-            config=rt.config,
-            message_id=task.request.id,
-        )
+        outcomes, handed_back = _apply_batch(task, [as_bytes(b) for b in bodies])
     except Exception as exc:
         if is_transient(exc):
             raise
-        # Nothing of the batch committed. Alone, each event gets the single path's handling
-        # (retries, then a dead letter) and cannot hold the others back.
+        # Nothing of the failed part committed. Alone, each event gets the single path's
+        # handling (retries, then a dead letter) and cannot hold the others back; a copy of an
+        # event that did commit is a duplicate there.
         log.exception("batch failed; splitting it")
         return _split(bodies, f"{type(exc).__name__}: {exc}")
-    for back in result.handed_back:
+    for back in handed_back:
         if back.why == "too_early":
             countdown = _backoff(s.too_early_backoff_s, 0, s.too_early_backoff_max_s)
             _hand_to_single_path(back.body, countdown, {"too_early": 1})
@@ -306,7 +301,7 @@ def _handle_batch(
         else:
             _hand_to_single_path(back.body)
     elapsed = time.perf_counter() - started
-    for outcome in result.outcomes:
+    for outcome in outcomes:
         metrics.observe_event(
             outcome.kind,
             outcome.reason,
@@ -319,6 +314,38 @@ def _handle_batch(
     return {
         "outcome": "batch",
         "events": len(bodies),
-        "outcomes": len(result.outcomes),
-        "handed_back": len(result.handed_back),
+        "outcomes": len(outcomes),
+        "handed_back": len(handed_back),
     }
+
+
+def _apply_batch(
+    task: Task, bodies: list[bytes]
+) -> tuple[list[exactly_once.Outcome], list[exactly_once_batch.HandedBack]]:
+    """The batch protocol, then, for the events that were too early, a few quick tries more:
+    what they wait for is usually a batch committing on another worker right now."""
+    rt = runtime()
+    positions = list(range(len(bodies)))
+    outcomes: list[exactly_once.Outcome] = []
+    elsewhere: list[exactly_once_batch.HandedBack] = []
+    for attempt in range(rt.settings.batch_too_early_retries + 1):
+        if attempt:
+            time.sleep(0.02 * 2**attempt)
+        result = exactly_once_batch.process_batch(
+            bodies,
+            engine=rt.engine,
+            locks=rt.batch_locks,
+            config=rt.config,
+            message_id=task.request.id,
+            positions=positions,
+        )
+        outcomes += result.outcomes
+        # An order's too-early events are all too early together (worker.batch_effects), so
+        # trying them again apart from the rest keeps each order's events in order.
+        early = [h for h in result.handed_back if h.why == "too_early"]
+        elsewhere += [h for h in result.handed_back if h.why != "too_early"]
+        if not early or attempt == rt.settings.batch_too_early_retries:
+            return outcomes, elsewhere + early
+        bodies = [h.body for h in early]
+        positions = [h.position for h in early]
+    raise AssertionError("unreachable")  # pragma: no cover

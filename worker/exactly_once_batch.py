@@ -58,6 +58,7 @@ class HandedBack:
     body: bytes
     why: Literal["lock_busy", "too_early", "single_path"]
     reason: str
+    position: int  # in the batch message
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class _Entry:
     message_id: str | None
 
 
+# Batches take turns in the database: each transaction starts once the one before it ended,
+# so it sees everything the batches before it committed (an order created one batch earlier
+# on another worker is found, not "too early"), and batches never wait on each other's row
+# locks half-way. Their Python work (parsing, hashing, deciding, Celery) still overlaps, and
+# single events are not held up: they do not take this lock.
+_TAKE_TURN = text("SELECT pg_advisory_xact_lock(hashtextextended('orderonce/batch', 0))")
 _CLAIM = text(
     "INSERT INTO processed_messages (source, event_id, event_type, subject, payload_hash,"
     " outcome, message_id)"
@@ -123,25 +130,29 @@ def process_batch(
     locks: BatchLocks,
     config: Config,
     message_id: str | None = None,
+    positions: list[int] | None = None,
 ) -> BatchOutcome:
-    """Apply a batch exactly once per event. Event ``i``'s message id is ``message_id/i``, so a
-    redelivered batch's copies are told from producers' copies. Raises a database error once
-    ``config.db_attempts`` transient failures are used up (nothing of the batch committed)."""
+    """Apply a batch exactly once per event. The event at position ``p`` of the message gets
+    the message id ``message_id/p``, so a redelivered batch's copies are told from producers'
+    copies; ``positions`` gives the bodies' positions when they are a part of the message
+    tried again (default: 0, 1, 2, ...). Raises a database error once ``config.db_attempts``
+    transient failures are used up (nothing of the batch committed)."""
     started = time.perf_counter()
     entries: list[_Entry] = []
     refused: list[tuple[bytes, Refusal]] = []
     for i, body in enumerate(bodies):
+        position = positions[i] if positions is not None else i
         admitted = admit(body, config)
         if isinstance(admitted, Refusal):
             refused.append((body, admitted))
         else:
-            mid = f"{message_id}/{i}" if message_id is not None else None
-            entries.append(_Entry(i, body, admitted, payload_hash(admitted), mid))
+            mid = f"{message_id}/{position}" if message_id is not None else None
+            entries.append(_Entry(position, body, admitted, payload_hash(admitted), mid))
     joined = b"\n".join(bodies)  # failpoints match a text anywhere in the batch
     failpoint("before_lock", joined)
     held, busy = locks.acquire([e.event.key for e in entries])
     handed_back = [
-        HandedBack(e.body, "lock_busy", "event lock held by another worker")
+        HandedBack(e.body, "lock_busy", "event lock held by another worker", e.index)
         for e in entries
         if e.event.key in busy
     ]
@@ -196,6 +207,7 @@ def _commit_batch(
 def _in_transaction(
     conn: Connection, entries: list[_Entry], refused: list[tuple[bytes, Refusal]], config: Config
 ) -> tuple[list[Outcome], list[HandedBack]]:
+    conn.execute(_TAKE_TURN)
     outcomes: list[Outcome] = []
     for body, refusal in refused:
         dead_letters.record(conn, body, refusal.reason, refusal.detail, **refusal.ids)
@@ -225,7 +237,7 @@ def _in_transaction(
     for e in sorted(to_apply, key=lambda e: e.index):
         result = effects.apply(e.event)
         if isinstance(result, Punt):
-            handed_back.append(HandedBack(e.body, result.why, result.reason))
+            handed_back.append(HandedBack(e.body, result.why, result.reason, e.index))
             unclaim.append(e)
         else:
             recorded.append((e, result))
@@ -245,7 +257,9 @@ def _in_transaction(
     back = {e.event.key for e in unclaim}
     for e in copies:
         if e.event.key in back:
-            handed_back.append(HandedBack(e.body, "single_path", "a copy of a handed-back event"))
+            handed_back.append(
+                HandedBack(e.body, "single_path", "a copy of a handed-back event", e.index)
+            )
     duplicates = [e for e in firsts.values() if e.event.key not in claimed]
     duplicates += [e for e in copies if e.event.key not in back]
     outcomes += _count_duplicates(conn, duplicates, handed_back)
@@ -329,7 +343,9 @@ def _count_duplicates(
         order_id = getattr(ev, "subject", None)
         if ev.key not in on_record:
             # Only a tombstone is left (the row was pruned): the single path knows that case.
-            handed_back.append(HandedBack(e.body, "single_path", "duplicate of a pruned event"))
+            handed_back.append(
+                HandedBack(e.body, "single_path", "duplicate of a pruned event", e.index)
+            )
             continue
         prior, first_message = on_record[ev.key]
         if prior != e.digest:
