@@ -9,7 +9,11 @@ processes (``--pool solo``, one process each), and ``--runs`` times:
   stream (``orderonce.demo_stream.build_stream``: orders with payments, shipments,
   cancellations, refunds, one event in ten published twice, checkout retries, double clicks),
   stock restocked first; every event applied exactly once, checked with ``orderonce verify``'s
-  checks afterwards. Batch mode does not exist yet, so it is not measured;
+  checks afterwards;
+* (b') orderonce in batch mode: the same kind of stream (``--batch-events`` of it, so that a
+  drain lasts long enough to time), ``--batch-size`` events per message, in stream order; its
+  latency runs from each event's due time to its commit, with a producer that sends what came
+  due every 20 ms, so the batching wait is included;
 * (c) the database's ceiling for orderonce's transaction: N processes running the transaction's
   statements directly with psycopg, one round trip each as orderonce sends them (BEGIN, claim
   the processed row, lock and update a stock row, a movement row, two ledger rows, COMMIT), as
@@ -93,6 +97,9 @@ class Options:
     workers: tuple[int, ...] = (1, 2, 4)
     latency_seconds: float = 4.0
     ceiling_seconds: float = 3.0
+    batch_events: int = 20000
+    batch_size: int = 100
+    batch_interval_s: float = 0.02
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
@@ -492,6 +499,114 @@ def orderonce_stream(
     }
 
 
+def _batches(bodies: list[str], size: int) -> list[list[str]]:
+    return [bodies[i : i + size] for i in range(0, len(bodies), size)]
+
+
+def orderonce_batch(
+    n: int,
+    redis_url: str,
+    database_url: str,
+    opts: Options,
+    seed: int,
+    logs: Path,
+) -> dict[str, Any]:
+    """(b') orderonce in batch mode: the same kind of stream, ``opts.batch_size`` events per
+    message (``Publisher.publish_raw_batch``), in stream order; the same drain and latency
+    measurements as (b), with more events so that a drain lasts long enough to time."""
+    r = redis.Redis.from_url(redis_url)
+    r.delete(QUEUE, _stash(QUEUE))
+    defaults = Settings(queue=QUEUE)
+    engine = make_engine(database_url, defaults)
+    publisher = Publisher(redis_url, defaults)
+    tag = uuid.uuid4().hex[:6].upper()
+    drain = _stream(f"D{tag}", opts.batch_events, seed)
+    for chunk in _batches([p.body for p in drain.publications], opts.batch_size):
+        publisher.publish_raw_batch(chunk)
+    r.rename(QUEUE, _stash(QUEUE))
+    env = _worker_env(
+        ORDERONCE_DATABASE_URL=database_url,
+        ORDERONCE_REDIS_URL=redis_url,
+        ORDERONCE_BROKER_URL=redis_url,
+        ORDERONCE_QUEUE=QUEUE,
+    )
+    workers = [WorkerProcess(f"ob{i}", env, logs / f"batch-{n}-{i}.log") for i in range(n)]
+    with _running(workers) as sampler:
+        publisher.publish_raw_batch([p.body for p in drain.restocks])
+        wait_until(lambda: _handled(engine, drain) >= len(drain.restocks), 60, "the restocks", 0.05)
+        target = len(drain.restocks) + len(drain.publications)
+        before = _redis_calls(r)
+        started = time.perf_counter()
+        r.rename(_stash(QUEUE), QUEUE)
+        wait_until(lambda: _handled(engine, drain) >= target, DRAIN_TIMEOUT_S, "the drain", 0.1)
+        seconds = time.perf_counter() - started
+        redis_per_event = _per_event(before, _redis_calls(r), len(drain.publications))
+        rate = 0.5 * len(drain.publications) / seconds
+
+        # Latency at half the drain rate, from the moment each event is due: a producer that
+        # sends every ``batch_interval_s`` whatever has come due since, so the wait for the next
+        # batch is part of each event's latency.
+        count = max(50, round(rate * opts.latency_seconds))
+        paced = _stream(f"L{tag}", count, seed)
+        publisher.publish_raw_batch([p.body for p in paced.restocks])
+        wait_until(lambda: _handled(engine, paced) >= len(paced.restocks), 60, "the restocks", 0.05)
+        due: dict[tuple[str, str], float] = {}
+        bodies: dict[tuple[str, str], str] = {}
+        with CommitListener(database_url) as commits:
+            begun, sent = time.time(), 0
+            while sent < count:
+                time.sleep(opts.batch_interval_s)
+                now = time.time()
+                upto = min(count, int((now - begun) * rate) + 1)
+                chunk = []
+                for i in range(sent, upto):
+                    p = paced.publications[i]
+                    if p.key not in bodies:  # a copy must be the very same event
+                        due[p.key] = begun + i / rate
+                        bodies[p.key] = _restamped(p.body, due[p.key])
+                    chunk.append(bodies[p.key])
+                if chunk:
+                    publisher.publish_raw_batch(chunk)
+                sent = upto
+            target = len(paced.restocks) + count
+            wait_until(lambda: _handled(engine, paced) >= target, 120, "the paced events", 0.05)
+        rss = sampler.finish()
+    with engine.connect() as conn:
+        checks = reports.verify(conn)
+        dead = conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one()
+    to_commit = [at - due[key] for key, at in commits.seen.items() if key in due]
+    counts = _count_run(engine, drain)
+    handed_back = sum(
+        json.loads(line).get("handed_back", 0)
+        for w in workers
+        for line in w.text().splitlines()
+        if line.startswith("{") and '"batch_duration_ms"' in line
+    )
+    publisher.close()
+    engine.dispose()
+    r.delete(QUEUE, _stash(QUEUE))
+    r.close()
+    return {
+        "events": len(drain.publications),
+        "batch_size": opts.batch_size,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(len(drain.publications) / seconds, 1),
+        "outcomes": {k: counts[k] for k in ("applied", "rejected", "duplicate", "deferred")}
+        | {"copies_suppressed": counts["duplicates"], "dead_letters": int(dead)},
+        "handed_back_to_single_path": handed_back,
+        "verify_ok": all(c.ok for c in checks),
+        "latency": {
+            "offered_per_s": round(rate, 1),
+            "events": count,
+            "batch_interval_ms": round(opts.batch_interval_s * 1000, 1),
+            **_quantiles(to_commit),
+            "with_commit_time": len(to_commit),
+        },
+        "redis_commands_per_event": redis_per_event,
+        "rss_mib": rss,
+    }
+
+
 # --- (c) the database's ceiling -------------------------------------------------------------
 
 CEILING_SKUS = [f"CEIL-{k:03d}" for k in range(30)]
@@ -726,6 +841,15 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
                 "task_mean_ms": med("orderonce", "in_worker", "task_mean_ms"),
                 "max_rss_mib": max(max(r["orderonce"]["rss_mib"]) for r in at),
             },
+            "orderonce_batch": {
+                "events_per_s": med("orderonce_batch", "events_per_s"),
+                "events_per_s_range": spread("orderonce_batch", "events_per_s"),
+                "p50_ms": med("orderonce_batch", "latency", "p50_ms"),
+                "p99_ms": med("orderonce_batch", "latency", "p99_ms"),
+                "offered_per_s": med("orderonce_batch", "latency", "offered_per_s"),
+                "max_rss_mib": max(max(r["orderonce_batch"]["rss_mib"]) for r in at),
+                "verify_ok": all(r["orderonce_batch"]["verify_ok"] for r in at),
+            },
             "db_ceiling": {
                 "commits_per_s": med("db_ceiling", "commits_per_s"),
                 "commits_per_s_range": spread("db_ceiling", "commits_per_s"),
@@ -735,9 +859,12 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
             "redis_commands_per_event": {
                 "plain_celery": med("plain_celery", "redis_commands_per_event", "total"),
                 "orderonce": med("orderonce", "redis_commands_per_event", "total"),
+                "orderonce_batch": med("orderonce_batch", "redis_commands_per_event", "total"),
             },
             "b_over_a": _median([r["b_over_a"] for r in at]),
             "b_over_c": _median([r["b_over_c"] for r in at]),
+            "batch_over_a": _median([r["batch_over_a"] for r in at]),
+            "batch_over_c": _median([r["batch_over_c"] for r in at]),
         }
     first = summary[str(workers[0])]
     summary["scaling"] = {
@@ -747,6 +874,7 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
         for system, key in (
             ("plain_celery", "events_per_s"),
             ("orderonce", "events_per_s"),
+            ("orderonce_batch", "events_per_s"),
             ("db_ceiling", "commits_per_s"),
         )
     }
@@ -783,6 +911,8 @@ def run(opts: Options) -> dict[str, Any]:
                         logs,
                     )
                     c = db_ceiling(n, database_url, opts.ceiling_seconds)
+                with fresh_database(urls.database_url) as database_url:
+                    batch = orderonce_batch(n, redis_url, database_url, opts, k, logs)
                 runs.append(
                     {
                         "run": k,
@@ -790,14 +920,18 @@ def run(opts: Options) -> dict[str, Any]:
                         "plain_celery": a,
                         "orderonce": b,
                         "db_ceiling": c,
+                        "orderonce_batch": batch,
                         "b_over_a": round(b["events_per_s"] / a["events_per_s"], 3),
                         "b_over_c": round(b["events_per_s"] / c["commits_per_s"], 3),
+                        "batch_over_a": round(batch["events_per_s"] / a["events_per_s"], 3),
+                        "batch_over_c": round(batch["events_per_s"] / c["commits_per_s"], 3),
                     }
                 )
                 print(
                     f"run {k}/{opts.runs}, {n} worker(s): plain Celery {a['events_per_s']:.0f}/s,"
                     f" orderonce {b['events_per_s']:.0f}/s (verify ok: {b['verify_ok']}),"
-                    f" database {c['commits_per_s']:.0f} commits/s"
+                    f" database {c['commits_per_s']:.0f} commits/s,"
+                    f" batch mode {batch['events_per_s']:.0f}/s (verify ok: {batch['verify_ok']})"
                     f"  [{time.monotonic() - begun:.0f} s]",
                     file=sys.stderr,
                     flush=True,
@@ -814,14 +948,19 @@ def run(opts: Options) -> dict[str, Any]:
             "latency_seconds": opts.latency_seconds,
             "ceiling_seconds": opts.ceiling_seconds,
             "pool": "solo, one process per worker",
+            "batch_events": opts.batch_events,
+            "batch_size": opts.batch_size,
+            "batch_interval_s": opts.batch_interval_s,
         },
-        "orderonce_batch_mode": "not measured: batch mode does not exist yet",
         "definitions": {
             "events_per_s": "messages per second while draining a pre-filled queue (copies"
             " included), from handing the queue to ready workers to the last outcome",
             "latency": "at a steady offered load (half (b)'s drain rate, same for (a)): publish"
             " to task start for (a), publish to commit for (b) (LISTEN/NOTIFY on a trigger);"
             " to_transaction_start: to processed_messages.processed_at",
+            "orderonce_batch": "batch mode: the same kind of stream, batch_size events per"
+            " message; latency from each event's due time (the producer sends what came due"
+            " every batch_interval_s) to its commit",
             "db_ceiling": "N psycopg processes running orderonce's transaction shape with no"
             " Celery, Redis or parsing: commits/s, and the time of one transaction",
             "rss_mib": "largest VmRSS of each worker's process tree, sampled every 0.2 s",
@@ -848,6 +987,7 @@ def _print(results: dict[str, Any]) -> None:
     names = {
         "plain_celery": "(a) plain Celery, no-op task",
         "orderonce": "(b) orderonce, demo stream",
+        "orderonce_batch": "(b') orderonce batch mode",
         "db_ceiling": "(c) database ceiling (commits/s)",
     }
     for n in o["workers"]:
@@ -862,7 +1002,10 @@ def _print(results: dict[str, Any]) -> None:
                 f"  {n:>7}  {name:34}{rate:10.0f}{spread:>13}{s['p50_ms']:9.1f}{s['p99_ms']:9.1f}"
                 f"{rss}"
             )
-        print(f"  {'':7}  b/a {row['b_over_a']:.2f}   b/c {row['b_over_c']:.2f}")
+        print(
+            f"  {'':7}  b/a {row['b_over_a']:.2f}   b/c {row['b_over_c']:.2f}"
+            f"   b'/a {row['batch_over_a']:.2f}   b'/c {row['batch_over_c']:.2f}"
+        )
     scaling = summary["scaling"]
     for system, name in names.items():
         steps = ", ".join(f"{n}: {x:.2f}x" for n, x in scaling[system].items())
@@ -871,7 +1014,10 @@ def _print(results: dict[str, Any]) -> None:
         "  latency: publish to work started (a) / committed (b), at a steady load of half (b)'s"
         " drain rate, the same for (a); (c): one transaction. RSS: largest worker process."
     )
-    print(f"  orderonce batch mode: {results['orderonce_batch_mode']}")
+    print(
+        f"  batch mode: {o['batch_events']} events per drain, {o['batch_size']} per message;"
+        " its latency runs from each event's due time, batching wait included"
+    )
     print("\nper message, by workers:")
     for n in o["workers"]:
         row = summary[str(n)]
@@ -919,9 +1065,30 @@ def main() -> None:
         default=Options.ceiling_seconds,
         help="length of each database-ceiling measurement",
     )
+    parser.add_argument(
+        "--batch-events", type=int, default=Options.batch_events, help="events per batch drain"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=Options.batch_size, help="events per batch message"
+    )
+    parser.add_argument(
+        "--batch-interval-ms",
+        type=float,
+        default=Options.batch_interval_s * 1000,
+        help="batch mode's latency phase: the producer sends what came due this often",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"))
     args = parser.parse_args()
-    opts = Options(args.events, args.runs, args.workers, args.latency_seconds, args.ceiling_seconds)
+    opts = Options(
+        args.events,
+        args.runs,
+        args.workers,
+        args.latency_seconds,
+        args.ceiling_seconds,
+        args.batch_events,
+        args.batch_size,
+        args.batch_interval_ms / 1000,
+    )
     # A Ctrl-C should still stop the workers and drop the database: make SIGTERM one too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = run(opts)

@@ -14,6 +14,10 @@ from celery import Celery
 from orderonce.config import Settings, UnsafeSettings
 
 TASK_NAME = "orderonce.process_event"
+# Batch mode: one message carries a list of events (producer-side batches, see
+# worker/exactly_once_batch.py). Consumption is unchanged: one message at a time, prefetch 1,
+# acked after its commit, so none of the settings below needs to change for it.
+BATCH_TASK_NAME = "orderonce.process_batch"
 
 
 def make_celery(broker_url: str, settings: Settings) -> Celery:

@@ -218,6 +218,10 @@ def _print_chaos(report: dict[str, Any]) -> None:
 @app.command()
 def publish(
     file: Annotated[str, typer.Argument(help="JSON lines of CloudEvents, or - for stdin.")] = "-",
+    batch_size: Annotated[
+        int,
+        typer.Option(help="Events per message (batch mode); 1: one message per event.", min=1),
+    ] = 1,
     as_json: JsonFlag = False,
 ) -> None:
     """Publish CloudEvents (one JSON object per line) to the broker."""
@@ -227,15 +231,28 @@ def publish(
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
     publisher = Publisher(resolve().broker_url, settings(), outbox_engine=_engine())
     published = skipped = 0
+    pending: list[str] = []
+
+    def send() -> None:
+        if batch_size == 1:
+            publisher.publish_raw(pending[0])
+        else:
+            publisher.publish_raw_batch(pending)
+        pending.clear()
+
     try:
         for line in stream:
             if line.strip():
                 # Sent as-is: validating is the worker's job, and it dead-letters bad input
                 # with a reason instead of losing it here.
-                publisher.publish_raw(line.strip())
+                pending.append(line.strip())
                 published += 1
+                if len(pending) == batch_size:
+                    send()
             else:
                 skipped += 1
+        if pending:
+            send()
     finally:
         publisher.close()
     summary = {"published": published, "blank_lines": skipped}

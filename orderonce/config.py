@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = 30.0
     lock_busy_countdown_s: float = 1.0
     poison_max_retries: int = 5
+    # Batch mode: a batch message with more events than this is split into single-event
+    # messages rather than held in one transaction for too long.
+    batch_max_events: int = 1000
+    # Events of a batch too early for it (their order is being created by a batch still in
+    # flight on another worker, most often) are tried again this many times within the task,
+    # a few tens of milliseconds apart, before they go to the single-event path's backoff.
+    batch_too_early_retries: int = 3
 
     # The relay sends outbox rows that have no terminal record this long after their last
     # send (backing off up to 8x on each further send), checking every relay_interval_s.

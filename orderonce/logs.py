@@ -7,7 +7,19 @@ import logging
 import sys
 from typing import Any
 
-_EXTRA_FIELDS = ("event_id", "order_id", "outcome", "reason", "duration_ms")
+_EXTRA_FIELDS = (
+    "event_id",
+    "order_id",
+    "outcome",
+    "reason",
+    "duration_ms",
+    # batch mode (worker/exactly_once_batch.py)
+    "batch",
+    "events",
+    "outcomes",
+    "handed_back",
+    "batch_duration_ms",
+)
 
 
 class JsonFormatter(logging.Formatter):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from orderonce.broker import TASK_NAME, make_celery
+from orderonce.broker import BATCH_TASK_NAME, TASK_NAME, make_celery
 from orderonce.config import Settings
 from producers import outbox
 from schemas import CLOUD_EVENT, CloudEvent
@@ -124,6 +124,27 @@ class Publisher:
             self._retrying(send, *args, **options)
         else:
             send(*args, **options)
+
+    def publish_batch(self, events: Sequence[CloudEvent]) -> None:
+        """Send many events as one message (batch mode): the worker applies them in one
+        transaction, each exactly once and with its own outcome. Order within the batch is
+        kept; retrying sends the same events, so copies are recognised as for one event."""
+        self.publish_raw_batch([self.body(e) for e in events])
+
+    def publish_raw_batch(self, bodies: Sequence[str]) -> None:
+        """Send already-serialised events as one batch message (each body recorded in the
+        outbox first, when there is one; the relay resends lost ones one by one)."""
+        send = self._app.send_task
+        options = {"args": [list(bodies)], "queue": self._queue, "retry": False}
+        if self._outbox is None:
+            self._retrying(send, BATCH_TASK_NAME, **options)
+            return
+        with self._outbox.begin() as conn:
+            outbox.add(conn, bodies, sent=True, resend_after=self._resend_after)
+        try:
+            self._retrying(send, BATCH_TASK_NAME, **options)
+        except Exception as exc:  # durable already: the relay sends them once they are due
+            log.warning("broker send failed; the relay will send it from the outbox: %s", exc)
 
     def close(self) -> None:
         self._app.close()

@@ -19,10 +19,10 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject, Retry
 
-from orderonce.broker import TASK_NAME, check_celery_safety, make_celery
+from orderonce.broker import BATCH_TASK_NAME, TASK_NAME, check_celery_safety, make_celery
 from orderonce.config import resolve, settings
 from schemas.parsing import as_bytes
-from worker import dead_letters, exactly_once, metrics
+from worker import dead_letters, exactly_once, exactly_once_batch, metrics
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
 from worker.processed import count_redelivery
@@ -195,3 +195,157 @@ def _handle(
     if outcome.kind == "dead_lettered":
         metrics.observe_dead_letter(outcome.reason or "other")
     return {"outcome": outcome.kind, "reason": outcome.reason, "event_id": outcome.event_id}
+
+
+# --- batch mode ------------------------------------------------------------------------------
+
+
+def _hand_to_single_path(
+    body: bytes | str, countdown: float | None = None, attempts: dict[str, int] | None = None
+) -> None:
+    """Publish one event as a single-event message, before the batch is acked. A crash before
+    the ack redelivers the batch and sends it again: the second copy is a duplicate."""
+    rt = runtime()
+    text_body = body.decode() if isinstance(body, bytes) else body
+    try:
+        app.send_task(
+            TASK_NAME,
+            args=[text_body],
+            queue=rt.settings.queue,
+            countdown=countdown,
+            headers={ATTEMPTS_HEADER: attempts or {}},
+        )
+    except Exception as exc:  # the broker refused: keep the whole batch instead
+        log.warning("could not hand an event to the single path (%s); requeueing the batch", exc)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+def _split(bodies: list[Any], why: str) -> dict[str, Any]:
+    log.warning("batch of %d split into single-event messages: %s", len(bodies), why)
+    for body in bodies:
+        _hand_to_single_path(body)
+    return {"outcome": "split", "reason": why, "events": len(bodies)}
+
+
+@app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
+    name=BATCH_TASK_NAME,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def process_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Many events in one message (batch mode). The same endings as ``process_event``: every
+    event's outcome committed (or the event handed to the single path) and then the ack, or
+    the whole message back to the broker."""
+    started = time.perf_counter()
+    try:
+        return _handle_batch(self, args, kwargs, started)
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise _later(
+                self,
+                "database",
+                _backoff(
+                    0.5, _attempts(self).get("database", 0), runtime().settings.retry_backoff_max_s
+                ),
+            ) from exc
+        log.exception("unexpected failure; the batch goes back to the queue")
+        time.sleep(1.0)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+def _handle_batch(
+    task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], started: float
+) -> dict[str, Any]:
+    rt = runtime()
+    s = rt.settings
+    if (
+        len(args) != 1
+        or kwargs
+        or not isinstance(args[0], list)
+        or not all(isinstance(b, str | bytes) for b in args[0])
+    ):
+        raw = repr((args, kwargs)).encode()[: s.max_body_bytes + 1]
+        return _dead_letter(
+            raw,
+            "bad_task_arguments",
+            "expected one argument: a list of CloudEvents as JSON strings",
+            started,
+        )
+    bodies: list[str | bytes] = args[0]
+    if len(bodies) > s.batch_max_events:
+        return _split(bodies, f"{len(bodies)} events, more than {s.batch_max_events}")
+    if (deliveries := _killed_too_often(task)) is not None:
+        # Find the event that ends its worker: alone, it gets the single path's poison limit.
+        return _split(bodies, f"delivered {deliveries} times without an outcome")
+    try:
+        outcomes, handed_back = _apply_batch(task, [as_bytes(b) for b in bodies])
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # Nothing of the failed part committed. Alone, each event gets the single path's
+        # handling (retries, then a dead letter) and cannot hold the others back; a copy of an
+        # event that did commit is a duplicate there.
+        log.exception("batch failed; splitting it")
+        return _split(bodies, f"{type(exc).__name__}: {exc}")
+    for back in handed_back:
+        if back.why == "too_early":
+            countdown = _backoff(s.too_early_backoff_s, 0, s.too_early_backoff_max_s)
+            _hand_to_single_path(back.body, countdown, {"too_early": 1})
+        elif back.why == "lock_busy":
+            countdown = _backoff(s.lock_busy_countdown_s, 1, s.lock_busy_countdown_s * 2)
+            _hand_to_single_path(back.body, countdown, {"lock_busy": 1})
+        else:
+            _hand_to_single_path(back.body)
+    elapsed = time.perf_counter() - started
+    for outcome in outcomes:
+        metrics.observe_event(
+            outcome.kind,
+            outcome.reason,
+            outcome.event_type,
+            elapsed,
+            metrics.lag_since(outcome.event_time),
+        )
+        if outcome.kind == "dead_lettered":
+            metrics.observe_dead_letter(outcome.reason or "other")
+    return {
+        "outcome": "batch",
+        "events": len(bodies),
+        "outcomes": len(outcomes),
+        "handed_back": len(handed_back),
+    }
+
+
+def _apply_batch(
+    task: Task, bodies: list[bytes]
+) -> tuple[list[exactly_once.Outcome], list[exactly_once_batch.HandedBack]]:
+    """The batch protocol, then, for the events that were too early, a few quick tries more:
+    what they wait for is usually a batch committing on another worker right now."""
+    rt = runtime()
+    positions = list(range(len(bodies)))
+    outcomes: list[exactly_once.Outcome] = []
+    elsewhere: list[exactly_once_batch.HandedBack] = []
+    for attempt in range(rt.settings.batch_too_early_retries + 1):
+        if attempt:
+            time.sleep(0.02 * 2**attempt)
+        result = exactly_once_batch.process_batch(
+            bodies,
+            engine=rt.engine,
+            locks=rt.batch_locks,
+            config=rt.config,
+            message_id=task.request.id,
+            positions=positions,
+        )
+        outcomes += result.outcomes
+        # An order's too-early events are all too early together (worker.batch_effects), so
+        # trying them again apart from the rest keeps each order's events in order.
+        early = [h for h in result.handed_back if h.why == "too_early"]
+        elsewhere += [h for h in result.handed_back if h.why != "too_early"]
+        if not early or attempt == rt.settings.batch_too_early_retries:
+            return outcomes, elsewhere + early
+        bodies = [h.body for h in early]
+        positions = [h.position for h in early]
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -24,7 +24,10 @@ def make_engine(url: str, settings: Settings) -> Engine:
         url,
         pool_size=2,
         max_overflow=2,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per event. A connection that died in the pool
+        # fails its first statement with connection_invalidated set, which is_transient counts
+        # as transient, so the transaction is retried on a fresh connection (with_db_retries).
+        pool_pre_ping=False,
         pool_recycle=1800,
         connect_args={"options": options, "connect_timeout": 5},
     )

@@ -83,29 +83,24 @@ def process(
     ask for a retry, or a database error once ``config.db_attempts`` transient failures are
     used up."""
     started = time.perf_counter()
-    try:
-        event = parse_event(body, config.max_body_bytes)
-    except BadEvent as bad:
-        with_db_retries(config.db_attempts)(
-            dead_letters.record_now, engine, body, bad.reason, bad.detail
-        )
-        return Outcome("dead_lettered", reason=bad.reason)
-
-    order_id = getattr(event, "subject", None)
-    if config.verify_keys and not verify(event, config.verify_keys):
-        detail = "no signature" if event.signature is None else "no key matches the signature"
+    admitted = admit(body, config)
+    if isinstance(admitted, Refusal):
         with_db_retries(config.db_attempts)(
             dead_letters.record_now,
             engine,
             body,
-            "bad_signature",
-            detail,
-            source=event.source,
-            event_id=event.id,
-            event_type=event.type,
-            subject=order_id,
+            admitted.reason,
+            admitted.detail,
+            **admitted.ids,
         )
-        return Outcome("dead_lettered", event.id, order_id, "bad_signature")
+        return Outcome(
+            "dead_lettered",
+            admitted.ids.get("event_id"),
+            admitted.ids.get("subject"),
+            admitted.reason,
+        )
+    event = admitted
+    order_id = getattr(event, "subject", None)
     failpoint("before_lock", body)
     lock = locks.acquire(event.source, event.id, order_id)
     try:
@@ -129,6 +124,34 @@ def process(
         },
     )
     return outcome
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a body can never be an event to apply: kept as a dead letter with these ids."""
+
+    reason: str
+    detail: str
+    ids: dict[str, str | None]
+
+
+def admit(body: bytes, config: Config) -> CloudEvent | Refusal:
+    """Step 1, shared with the batch protocol (worker/exactly_once_batch.py): the parsed event,
+    or why it can never be one (bad input, a missing or forged signature)."""
+    try:
+        event = parse_event(body, config.max_body_bytes)
+    except BadEvent as bad:
+        return Refusal(bad.reason, bad.detail, {})
+    if config.verify_keys and not verify(event, config.verify_keys):
+        detail = "no signature" if event.signature is None else "no key matches the signature"
+        ids = {
+            "source": event.source,
+            "event_id": event.id,
+            "event_type": event.type,
+            "subject": getattr(event, "subject", None),
+        }
+        return Refusal("bad_signature", detail, ids)
+    return event
 
 
 def with_db_retries(attempts: int) -> Retrying:

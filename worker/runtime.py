@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from orderonce.config import Settings, resolve, settings
 from worker.db import make_engine
 from worker.exactly_once import Config
-from worker.locks import EventLocks, lock_client
+from worker.locks import BatchLocks, EventLocks, lock_client
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Runtime:
     engine: Engine
     redis: redis.Redis
     locks: EventLocks
+    batch_locks: BatchLocks
     config: Config
 
 
@@ -44,6 +45,13 @@ def runtime() -> Runtime:
             verify_keys=s.verification_keys(),
         )
         engine = make_engine(urls.database_url, s)
-        rt = Runtime(s, engine, client, EventLocks(client, s.lock_ttl_ms), config)
+        rt = Runtime(
+            s,
+            engine,
+            client,
+            EventLocks(client, s.lock_ttl_ms),
+            BatchLocks(client, s.lock_ttl_ms),
+            config,
+        )
         _runtime = (os.getpid(), rt)
     return _runtime[1]

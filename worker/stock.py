@@ -54,7 +54,8 @@ def move(
     conn: Connection, event: CloudEvent, kind: str, quantities: Mapping[str, int], order_id: str
 ) -> None:
     on_hand_sign, reserved_sign = MOVES[kind]
-    lock(conn, sorted(quantities))
+    # No SELECT ... FOR UPDATE first: each UPDATE locks its row, and they run in SKU order,
+    # which is the order every other path locks in.
     for sku, qty in sorted(quantities.items()):
         conn.execute(
             update(inventory)

@@ -1,0 +1,254 @@
+"""The batch protocol (worker/exactly_once_batch.py) against real PostgreSQL and Redis, without
+Celery: the same outcomes as the single-event protocol, per event, whatever shares a batch.
+
+Threads stand in for workers so that two batches can be made to overlap; the crash tests with
+real worker processes are in test_batch_crashes.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+
+import pytest
+from sqlalchemy import Engine, text
+
+from orderonce.config import Settings
+from orderonce.demo_stream import build_stream
+from producers.publisher import to_json
+from schemas import CloudEvent
+from tests import events
+from tests.servers import ServerUrls
+from worker import exactly_once, exactly_once_batch, reports
+from worker.errors import LockBusy, NotYetApplicable
+from worker.locks import BatchLocks, EventLocks, lock_client, lock_name
+
+
+@pytest.fixture
+def locks(servers: ServerUrls, settings: Settings) -> EventLocks:
+    return EventLocks(lock_client(servers.redis_url), settings.lock_ttl_ms)
+
+
+@pytest.fixture
+def batch_locks(servers: ServerUrls, settings: Settings) -> BatchLocks:
+    return BatchLocks(lock_client(servers.redis_url), settings.lock_ttl_ms)
+
+
+def _no_redis_locks(settings: Settings) -> BatchLocks:
+    return BatchLocks(lock_client("redis://127.0.0.1:1/0"), settings.lock_ttl_ms)
+
+
+def _body(event: CloudEvent) -> bytes:
+    return to_json(event).encode()
+
+
+def _batch(
+    items: list[CloudEvent | bytes], engine: Engine, locks: BatchLocks
+) -> exactly_once_batch.BatchOutcome:
+    bodies = [i if isinstance(i, bytes) else _body(i) for i in items]
+    return exactly_once_batch.process_batch(
+        bodies, engine=engine, locks=locks, config=exactly_once.Config(), message_id="m1"
+    )
+
+
+def _single_until_done(bodies: list[bytes], engine: Engine, locks: EventLocks) -> None:
+    """What Celery does with handed-back events: run each on the single path until it settles."""
+    for _ in range(50):
+        pending = []
+        for body in bodies:
+            try:
+                exactly_once.process(body, engine=engine, locks=locks, message_id=str(uuid.uuid4()))
+            except (LockBusy, NotYetApplicable):
+                pending.append(body)
+        bodies = pending
+        if not bodies:
+            return
+    raise AssertionError(f"{len(bodies)} events never settled")
+
+
+def _scalar(engine: Engine, sql: str) -> object:
+    with engine.connect() as conn:
+        return conn.execute(text(sql)).scalar_one()
+
+
+def _state(engine: Engine, sources_prefix: str) -> dict[str, object]:
+    """Everything an event stream leaves behind, comparable across two databases' runs."""
+    with engine.connect() as conn:
+        like = {"p": sources_prefix + "%"}
+        return {
+            "outcomes": conn.execute(
+                text(
+                    "SELECT outcome, split_part(coalesce(reason, ''), ':', 1), count(*),"
+                    " sum(duplicates) FROM processed_messages WHERE source LIKE :p"
+                    " GROUP BY 1, 2 ORDER BY 1, 2"
+                ),
+                like,
+            ).all(),
+            "orders": conn.execute(
+                text("SELECT status, version, count(*) FROM orders GROUP BY 1, 2 ORDER BY 1, 2")
+            ).all(),
+            "stock": conn.execute(
+                text("SELECT sku, on_hand, reserved FROM inventory ORDER BY sku")
+            ).all(),
+            "ledger": conn.execute(
+                text(
+                    "SELECT account, sum(amount), count(*) FROM ledger_entries"
+                    " GROUP BY 1 ORDER BY 1"
+                )
+            ).all(),
+            "movements": conn.execute(
+                text("SELECT kind, count(*) FROM inventory_movements GROUP BY 1 ORDER BY 1")
+            ).all(),
+        }
+
+
+def _assert_verified(engine: Engine) -> None:
+    with engine.connect() as conn:
+        failed = [c for c in reports.verify(conn) if not c.ok]
+    assert not failed, failed
+
+
+def test_a_batch_ends_as_the_same_events_one_by_one(
+    db: Engine, locks: EventLocks, batch_locks: BatchLocks
+) -> None:
+    # The demo's stream (orders, payments, shipments, cancellations, refunds; producer copies,
+    # checkout retries, double clicks held for a person, out-of-stock), first one by one...
+    stream = build_stream("B1", 150, 0.1, seed=3)
+    for p in stream.restocks:
+        exactly_once.process(p.body.encode(), engine=db, locks=locks)
+    _single_until_done([p.body.encode() for p in stream.publications], db, locks)
+    one_by_one = _state(db, stream.sources_prefix)
+    _assert_verified(db)
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "TRUNCATE processed_messages, orders, order_lines, inventory,"
+                " inventory_movements, ledger_entries, deferred_events, dead_letters"
+            )
+        )
+
+    # ...then the same stream in batches of 40, with what they hand back run one by one.
+    for p in stream.restocks:
+        exactly_once.process(p.body.encode(), engine=db, locks=locks)
+    bodies = [p.body.encode() for p in stream.publications]
+    handed_back: list[bytes] = []
+    for i in range(0, len(bodies), 40):
+        result = _batch(list(bodies[i : i + 40]), db, batch_locks)
+        handed_back += [h.body for h in result.handed_back]
+    _single_until_done(handed_back, db, locks)
+
+    assert _state(db, stream.sources_prefix) == one_by_one
+    _assert_verified(db)
+
+
+def test_one_bad_event_is_dead_lettered_and_the_rest_apply(
+    db: Engine, batch_locks: BatchLocks
+) -> None:
+    good = [events.restock(f"SKU-{i}", 5) for i in range(3)]
+    result = _batch([good[0], b'{"specversion": "1.0", "id": ', good[1], good[2]], db, batch_locks)
+
+    assert Counter(o.kind for o in result.outcomes) == {"applied": 3, "dead_lettered": 1}
+    assert result.handed_back == []
+    assert _scalar(db, "SELECT count(*) FROM processed_messages") == 3
+    assert _scalar(db, "SELECT reason FROM dead_letters") == "malformed_json"
+    assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 15
+    _assert_verified(db)
+
+
+def test_copies_inside_a_batch_take_effect_once(db: Engine, batch_locks: BatchLocks) -> None:
+    event = events.restock("SKU-A", 7)
+    altered = events.restock("SKU-A", 8, id=event.id)  # the same id, other content
+    result = _batch([event, event, altered, event], db, batch_locks)
+
+    kinds = Counter((o.kind, o.reason) for o in result.outcomes)
+    assert kinds == {
+        ("applied", None): 1,
+        ("duplicate", "producer_retry"): 2,
+        ("dead_lettered", "id_conflict"): 1,
+    }
+    assert _scalar(db, "SELECT on_hand FROM inventory") == 7
+    assert _scalar(db, "SELECT duplicates FROM processed_messages") == 3
+    _assert_verified(db)
+
+
+def test_a_redelivered_batch_is_all_duplicates(db: Engine, batch_locks: BatchLocks) -> None:
+    batch = [events.restock(f"SKU-{i}", 2) for i in range(5)]
+    _batch(list(batch), db, batch_locks)
+    again = _batch(list(batch), db, batch_locks)  # same message id: the broker's redelivery
+
+    assert {(o.kind, o.reason) for o in again.outcomes} == {("duplicate", "redelivery")}
+    assert _scalar(db, "SELECT sum(redeliveries) FROM processed_messages") == 5
+    assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 10
+
+
+@pytest.mark.parametrize("redis_locks", [True, False], ids=["redis-locks", "database-alone"])
+def test_overlapping_concurrent_batches_apply_each_event_once(
+    db: Engine,
+    settings: Settings,
+    locks: EventLocks,
+    batch_locks: BatchLocks,
+    redis_locks: bool,
+) -> None:
+    skus = [f"SKU-{i}" for i in range(6)]
+    shared = [events.restock(sku, 3) for sku in skus for _ in range(5)]
+    batches = [list(shared) for _ in range(4)]
+    for k, batch in enumerate(batches):  # each batch lists them in its own order
+        batch.sort(key=lambda e, k=k: hash((e.id, k)))
+    chosen = batch_locks if redis_locks else _no_redis_locks(settings)
+    barrier = threading.Barrier(len(batches))
+    handed_back: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def run(batch: list[CloudEvent]) -> None:
+        barrier.wait()
+        try:
+            handed_back.extend(h.body for h in _batch(list(batch), db, chosen).handed_back)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # Events whose lock another batch held were handed back; the single path settles them.
+    _single_until_done(handed_back, db, locks)
+
+    assert _scalar(db, "SELECT count(*) FROM processed_messages") == len(shared)
+    assert _scalar(db, "SELECT sum(duplicates) FROM processed_messages") == 3 * len(shared)
+    assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 3 * len(shared)
+    _assert_verified(db)
+
+
+def test_what_the_batch_cannot_apply_is_handed_back_without_a_trace(
+    db: Engine, locks: EventLocks, batch_locks: BatchLocks
+) -> None:
+    order = events.uid("ORD")
+    early = events.paid(order, "10.00")  # before its order exists
+    result = _batch([early, events.restock("SKU-A", 1)], db, batch_locks)
+
+    assert [h.why for h in result.handed_back] == ["too_early"]
+    assert _scalar(db, "SELECT count(*) FROM processed_messages") == 1  # only the restock
+    # Its order arrives; on the single path it applies once.
+    exactly_once.process(
+        _body(events.created(order, [("SKU-A", 1, "10.00")])), engine=db, locks=locks
+    )
+    _single_until_done([h.body for h in result.handed_back], db, locks)
+    assert _scalar(db, "SELECT status FROM orders") == "paid"
+    _assert_verified(db)
+
+
+def test_an_event_whose_lock_is_held_is_handed_back(
+    db: Engine, servers: ServerUrls, batch_locks: BatchLocks
+) -> None:
+    held, free = events.restock("SKU-A", 1), events.restock("SKU-B", 1)
+    client = lock_client(servers.redis_url)
+    client.set(lock_name(held.source, held.id), "someone-else", px=60_000)
+    result = _batch([held, free], db, batch_locks)
+
+    assert [(h.why, h.body) for h in result.handed_back] == [("lock_busy", _body(held))]
+    assert _scalar(db, "SELECT event_id FROM processed_messages") == free.id
+    assert client.get(lock_name(held.source, held.id)) == b"someone-else"
+    assert client.get(lock_name(free.source, free.id)) is None  # released after commit

@@ -1,0 +1,506 @@
+"""The effects of many claimed events at once, with set-based SQL (batch mode).
+
+The same rules as ``worker.orders`` and ``worker.stock`` — the pure ones are shared:
+``domain.decide``, ``domain.missing_stock``, ``submissions.fingerprint`` and ``judge`` — applied
+to an in-memory copy of the rows the batch touches, loaded and locked first, then written back
+in a handful of statements. Events are applied in batch order, each seeing the ones before it.
+
+Locks are taken in a fixed order so that concurrent batches (and single events) cannot
+deadlock: customers' advisory locks sorted by key, then orders sorted by id, then stock rows
+sorted by SKU; each kind in one statement.
+
+What this module does not do, it hands back (``Punt``) for the single-event protocol to do
+later, under its own claim: anything about held orders (deferred follow-ups, releases),
+submissions that conflict with another one, events that are too early, and every later event
+of an order after one of its events was handed back, so that an order's events keep their
+order. The batch protocol removes a handed-back event's claim before it commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from sqlalchemy import Connection, text
+
+from schemas.events import (
+    CloudEvent,
+    InventoryRestockedEvent,
+    OrderCreatedEvent,
+    OrderEvent,
+)
+from worker import domain, submissions
+from worker.results import Applied, Duplicate, Rejected, Result
+
+
+@dataclass(frozen=True)
+class Punt:
+    """Not applied here: left to the single-event protocol (``too_early`` after a while)."""
+
+    why: Literal["too_early", "single_path"]
+    reason: str
+
+
+@dataclass
+class _Order:
+    order_id: str
+    customer_id: str
+    status: domain.Status
+    total: Decimal
+    currency: str
+    fingerprint: str | None
+    submitted_at: datetime | None
+    idempotency: tuple[str, str] | None
+    held: bool  # ever held as a suspected duplicate: its follow-ups go the single path
+    lines: dict[str, int] | None = None  # quantities by SKU, loaded when needed
+    status_reason: str | None = None
+    changes: int = 0  # transitions applied here (the row's version goes up by as many)
+    new: bool = False  # created by this batch
+    row: dict[str, object] = field(default_factory=dict)  # the insert, for a new order
+
+
+class BatchRace(RuntimeError):
+    """A concurrent transaction inserted an order this batch meant to insert: the batch's view
+    is stale. Its transaction is rolled back and tried again."""
+
+
+_LOCK_CUSTOMERS = text(
+    # Sorted in a subquery, locked in the outer scan: the same order in every batch.
+    "SELECT pg_advisory_xact_lock(h) FROM"
+    " (SELECT hashtextextended('orderonce/customer/' || c, 0) AS h"
+    "  FROM unnest(CAST(:customers AS text[])) AS c ORDER BY h) AS sorted"
+)
+_PRIORS = text(
+    "SELECT order_id, customer_id, status, total, currency, fingerprint, submitted_at,"
+    " idempotency_source, idempotency_key, duplicate_of IS NOT NULL AS held FROM orders"
+    " WHERE order_id = ANY(CAST(:order_ids AS text[]))"
+    " OR (idempotency_source, idempotency_key) IN"
+    "   (SELECT * FROM unnest(CAST(:key_sources AS text[]), CAST(:keys AS text[])))"
+    " OR (customer_id = ANY(CAST(:customers AS text[]))"
+    "     AND fingerprint = ANY(CAST(:fingerprints AS text[])))"
+)
+_LOCK_ORDERS = text(
+    "SELECT order_id, customer_id, status, total, currency, fingerprint, submitted_at,"
+    " idempotency_source, idempotency_key, duplicate_of IS NOT NULL AS held FROM orders"
+    " WHERE order_id = ANY(CAST(:order_ids AS text[])) ORDER BY order_id FOR UPDATE"
+)
+_LINES = text(
+    "SELECT order_id, sku, sum(quantity) FROM order_lines"
+    " WHERE order_id = ANY(CAST(:order_ids AS text[])) GROUP BY order_id, sku"
+)
+_NEW_SKUS = text(
+    "INSERT INTO inventory (sku, on_hand, reserved)"
+    " SELECT s, 0, 0 FROM unnest(CAST(:skus AS text[])) AS s ORDER BY s"
+    " ON CONFLICT (sku) DO NOTHING"
+)
+_LOCK_STOCK = text(
+    "SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY(CAST(:skus AS text[]))"
+    " ORDER BY sku FOR UPDATE"
+)
+_INSERT_ORDERS = text(
+    "INSERT INTO orders (order_id, customer_id, currency, total, status, status_reason,"
+    " version, created_by_source, created_by_event, idempotency_source, idempotency_key,"
+    " fingerprint, submitted_at, duplicate_of)"
+    " SELECT * FROM unnest(CAST(:order_id AS text[]), CAST(:customer_id AS text[]),"
+    " CAST(:currency AS text[]), CAST(:total AS numeric[]), CAST(:status AS text[]),"
+    " CAST(:status_reason AS text[]), CAST(:version AS integer[]),"
+    " CAST(:created_by_source AS text[]), CAST(:created_by_event AS text[]),"
+    " CAST(:idempotency_source AS text[]), CAST(:idempotency_key AS text[]),"
+    " CAST(:fingerprint AS text[]), CAST(:submitted_at AS timestamptz[]),"
+    " CAST(:duplicate_of AS text[]))"
+    " ON CONFLICT DO NOTHING RETURNING order_id"
+)
+_INSERT_LINES = text(
+    "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price)"
+    " SELECT * FROM unnest(CAST(:order_id AS text[]), CAST(:line_no AS integer[]),"
+    " CAST(:sku AS text[]), CAST(:quantity AS integer[]), CAST(:unit_price AS numeric[]))"
+)
+_UPDATE_ORDERS = text(
+    "UPDATE orders AS o SET status = v.status, status_reason = v.reason,"
+    " version = o.version + v.changes, updated_at = now()"
+    " FROM unnest(CAST(:order_id AS text[]), CAST(:status AS text[]),"
+    " CAST(:reason AS text[]), CAST(:changes AS integer[])) AS v(order_id, status, reason, changes)"
+    " WHERE o.order_id = v.order_id"
+)
+_UPDATE_STOCK = text(
+    "UPDATE inventory AS i SET on_hand = v.on_hand, reserved = v.reserved"
+    " FROM unnest(CAST(:sku AS text[]), CAST(:on_hand AS bigint[]), CAST(:reserved AS bigint[]))"
+    " AS v(sku, on_hand, reserved) WHERE i.sku = v.sku"
+)
+_INSERT_MOVEMENTS = text(
+    "INSERT INTO inventory_movements (source, event_id, sku, kind, order_id, on_hand_delta,"
+    " reserved_delta)"
+    " SELECT * FROM unnest(CAST(:source AS text[]), CAST(:event_id AS text[]),"
+    " CAST(:sku AS text[]), CAST(:kind AS text[]), CAST(:order_id AS text[]),"
+    " CAST(:on_hand_delta AS bigint[]), CAST(:reserved_delta AS bigint[]))"
+)
+_INSERT_LEDGER = text(
+    "INSERT INTO ledger_entries (source, event_id, leg, order_id, account, amount, currency)"
+    " SELECT * FROM unnest(CAST(:source AS text[]), CAST(:event_id AS text[]),"
+    " CAST(:leg AS text[]), CAST(:order_id AS text[]), CAST(:account AS text[]),"
+    " CAST(:amount AS numeric[]), CAST(:currency AS text[]))"
+)
+
+
+def _columns(rows: list[dict[str, object]], names: Iterable[str]) -> dict[str, list[object]]:
+    """Rows as one array per column, for ``unnest``: one statement however many rows."""
+    return {name: [row[name] for row in rows] for name in names}
+
+
+def _order_from_row(r: object) -> _Order:
+    row = r._mapping  # type: ignore[attr-defined]
+    key = row["idempotency_key"]
+    return _Order(
+        order_id=row["order_id"],
+        customer_id=row["customer_id"],
+        status=domain.Status(row["status"]),
+        total=row["total"],
+        currency=row["currency"],
+        fingerprint=row["fingerprint"],
+        submitted_at=row["submitted_at"],
+        idempotency=(row["idempotency_source"], key) if key is not None else None,
+        held=bool(row["held"]),
+    )
+
+
+class BatchEffects:
+    """One batch's effects: ``load`` locks and reads, ``apply`` decides each event in memory,
+    ``flush`` writes everything back. Runs inside the batch's transaction; never commits."""
+
+    def __init__(self, conn: Connection, *, policy: submissions.Policy, window: timedelta) -> None:
+        self._conn = conn
+        self._policy = policy
+        self._window = window
+        self._orders: dict[str, _Order] = {}  # locked (follow-ups) or created here
+        self._priors: list[_Order] = []  # orders a new submission may repeat (not locked)
+        self._stock: dict[str, domain.Stock] = {}
+        self._stock_before: dict[str, domain.Stock] = {}
+        # Orders with an event handed back, and why: their later events follow it there.
+        self._tainted: dict[str, Literal["too_early", "single_path"]] = {}
+        self._movements: list[dict[str, object]] = []
+        self._ledger: list[dict[str, object]] = []
+        self._lines: list[dict[str, object]] = []
+        self._fingerprints: dict[tuple[str, str], str] = {}
+
+    # --- load and lock -------------------------------------------------------------------
+
+    def load(self, events: list[CloudEvent]) -> None:
+        created = [e for e in events if isinstance(e, OrderCreatedEvent)]
+        follow_ups = sorted(
+            {
+                e.order_id
+                for e in events
+                if not isinstance(e, InventoryRestockedEvent | OrderCreatedEvent)
+            }
+        )
+        conn = self._conn
+        if created:
+            for e in created:
+                self._fingerprints[e.key] = submissions.fingerprint(e.data)
+            conn.execute(
+                _LOCK_CUSTOMERS, {"customers": sorted({e.data.customer_id for e in created})}
+            )
+            keyed = [e for e in created if e.idempotencykey]
+            rows = conn.execute(
+                _PRIORS,
+                {
+                    "order_ids": [e.order_id for e in created],
+                    "key_sources": [e.source for e in keyed],
+                    "keys": [e.idempotencykey for e in keyed],
+                    "customers": [e.data.customer_id for e in created],
+                    "fingerprints": list(self._fingerprints.values()),
+                },
+            )
+            self._priors = [_order_from_row(r) for r in rows]
+        if follow_ups:
+            for r in conn.execute(_LOCK_ORDERS, {"order_ids": follow_ups}):
+                order = _order_from_row(r)
+                self._orders[order.order_id] = order
+                order.lines = {}
+            for order_id, sku, qty in conn.execute(_LINES, {"order_ids": follow_ups}):
+                lines = self._orders[order_id].lines
+                assert lines is not None
+                lines[sku] = int(qty)
+        skus: set[str] = set()
+        restocked = {e.data.sku for e in events if isinstance(e, InventoryRestockedEvent)}
+        skus |= restocked
+        for e in created:
+            skus |= {i.sku for i in e.data.items}
+        for order in self._orders.values():
+            skus |= set(order.lines or {})
+        if restocked:
+            conn.execute(_NEW_SKUS, {"skus": sorted(restocked)})
+        if skus:
+            for sku, on_hand, reserved in conn.execute(_LOCK_STOCK, {"skus": sorted(skus)}):
+                self._stock[sku] = domain.Stock(int(on_hand), int(reserved))
+        self._stock_before = dict(self._stock)
+
+    # --- decide, in memory ---------------------------------------------------------------
+
+    def apply(self, event: CloudEvent) -> Result | Punt:
+        if isinstance(event, InventoryRestockedEvent):
+            self._move(event, None, "restock", {event.data.sku: event.data.quantity})
+            return Applied()
+        order_id = event.order_id
+        if order_id in self._tainted:
+            return self._punt(order_id, self._tainted[order_id], "after an earlier event of it")
+        if isinstance(event, OrderCreatedEvent):
+            return self._create(event)
+        return self._transition(event)
+
+    def _punt(self, order_id: str, why: Literal["too_early", "single_path"], reason: str) -> Punt:
+        self._tainted.setdefault(order_id, why)
+        return Punt(why, reason)
+
+    def _prior(self, match: Iterable[_Order]) -> submissions.Prior | None:
+        found = next(iter(match), None)
+        return submissions.Prior(found.order_id, found.fingerprint) if found else None
+
+    def _create(self, event: OrderCreatedEvent) -> Result | Punt:
+        data = event.data
+        digest = self._fingerprints[event.key]
+        # The locked or new copy of an order wins over its unlocked prior: it is up to date.
+        known = list(({o.order_id: o for o in self._priors} | self._orders).values())
+        key = (event.source, event.idempotencykey) if event.idempotencykey else None
+        since, until = event.time - self._window, event.time + self._window
+        similar = sorted(
+            (
+                o
+                for o in known
+                if self._policy != "allow"
+                and o.customer_id == data.customer_id
+                and o.fingerprint == digest
+                and o.status not in (domain.Status.CANCELLED, domain.Status.REJECTED)
+                and o.order_id != event.order_id
+                and o.submitted_at is not None
+                and since <= o.submitted_at <= until
+            ),
+            key=lambda o: o.submitted_at or since,
+        )
+        verdict = submissions.judge(
+            digest,
+            same_key=self._prior(o for o in known if key is not None and o.idempotency == key),
+            same_order_id=self._prior(o for o in known if o.order_id == event.order_id),
+            similar=self._prior(similar),
+            policy=self._policy,
+        )
+        match verdict:
+            case submissions.Duplicate(cause, original):
+                return Duplicate(cause, original)
+            case submissions.Conflict():
+                # A dead letter with both hashes: the single path words it.
+                return self._punt(event.order_id, "single_path", "conflicting submission")
+            case submissions.SuspectRejected(original):
+                return Rejected(f"suspected_duplicate: same order as {original}", original)
+            case submissions.NewOrder(hold_of):
+                return self._insert(event, digest, hold_of)
+        raise AssertionError(f"unhandled verdict {verdict!r}")  # pragma: no cover
+
+    def _insert(self, event: OrderCreatedEvent, digest: str, hold_of: str | None) -> Result:
+        data = event.data
+        wanted = domain.quantities_by_sku(data.items)
+        status, reason = domain.Status.CREATED, None
+        result: Result = Applied()
+        if hold_of:
+            status = domain.Status.ON_HOLD
+            reason = f"suspected_duplicate: same order as {hold_of}"
+            result = Applied(f"held: suspected duplicate of {hold_of}", hold_of)
+        order = _Order(
+            order_id=event.order_id,
+            customer_id=data.customer_id,
+            status=status,
+            total=data.total,
+            currency=data.currency,
+            fingerprint=digest,
+            submitted_at=event.time,
+            idempotency=(event.source, event.idempotencykey) if event.idempotencykey else None,
+            held=bool(hold_of),
+            lines=wanted,
+            status_reason=reason,
+            new=True,
+        )
+        order.row = {
+            "order_id": event.order_id,
+            "customer_id": data.customer_id,
+            "currency": data.currency,
+            "total": data.total,
+            "created_by_source": event.source,
+            "created_by_event": event.id,
+            "idempotency_source": event.source if event.idempotencykey else None,
+            "idempotency_key": event.idempotencykey,
+            "fingerprint": digest,
+            "submitted_at": event.time,
+            "duplicate_of": hold_of,
+        }
+        self._orders[event.order_id] = order
+        self._lines += [
+            {
+                "order_id": event.order_id,
+                "line_no": n,
+                "sku": i.sku,
+                "quantity": i.quantity,
+                "unit_price": i.unit_price,
+            }
+            for n, i in enumerate(data.items, start=1)
+        ]
+        if hold_of:
+            return result
+        missing = domain.missing_stock(wanted, self._stock)
+        if missing:
+            # As worker.orders does it: created, then turned down (one change).
+            reason = f"out_of_stock: {', '.join(missing)}"
+            self._set_status(order, domain.Status.REJECTED, reason)
+            return Applied(reason)
+        self._move(event, event.order_id, "reserve", wanted)
+        return result
+
+    def _transition(self, event: OrderEvent) -> Result | Punt:
+        order = self._orders.get(event.order_id)
+        if order is None:
+            return self._punt(event.order_id, "too_early", "order_not_found")
+        if order.held or order.status is domain.Status.ON_HOLD:
+            return self._punt(event.order_id, "single_path", "held order")
+        current = domain.Order(order.order_id, order.status, order.total, order.currency)
+        decision = domain.decide(current, event)
+        match decision:
+            case domain.TooEarly(reason):
+                return self._punt(event.order_id, "too_early", reason)
+            case domain.Rejected(reason):
+                return Rejected(reason)
+            case domain.Deferred(reason):  # pragma: no cover  (held orders punted above)
+                return self._punt(event.order_id, "single_path", reason)
+        assert isinstance(decision, domain.Transition)
+        if decision.reserve_stock:  # pragma: no cover  (only a held order reserves later)
+            return self._punt(event.order_id, "single_path", "reserve on transition")
+        if decision.release_stock or decision.ship_stock:
+            kind = "release" if decision.release_stock else "ship"
+            self._move(event, order.order_id, kind, order.lines or {})
+        self._set_status(order, decision.status, None)
+        self._ledger += [
+            {
+                "source": event.source,
+                "event_id": event.id,
+                "leg": leg.leg,
+                "order_id": order.order_id,
+                "account": leg.account,
+                "amount": leg.amount,
+                "currency": order.currency,
+            }
+            for leg in decision.legs
+        ]
+        return Applied()
+
+    def _set_status(self, order: _Order, status: domain.Status, reason: str | None) -> None:
+        order.status, order.status_reason = status, reason
+        order.changes += 1
+
+    def _move(
+        self, event: CloudEvent, order_id: str | None, kind: str, quantities: dict[str, int]
+    ) -> None:
+        from worker.stock import MOVES  # one table of signs for both paths
+
+        on_hand_sign, reserved_sign = MOVES[kind]
+        for sku, qty in sorted(quantities.items()):
+            before = self._stock[sku]
+            self._stock[sku] = domain.Stock(
+                before.on_hand + on_hand_sign * qty, before.reserved + reserved_sign * qty
+            )
+            self._movements.append(
+                {
+                    "source": event.source,
+                    "event_id": event.id,
+                    "sku": sku,
+                    "kind": kind,
+                    "order_id": order_id,
+                    "on_hand_delta": on_hand_sign * qty,
+                    "reserved_delta": reserved_sign * qty,
+                }
+            )
+
+    # --- write back ----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        conn = self._conn
+        new = [o for o in self._orders.values() if o.new]
+        if new:
+            rows = [
+                o.row
+                | {"status": o.status, "status_reason": o.status_reason, "version": 1 + o.changes}
+                for o in new
+            ]
+            inserted = conn.execute(
+                _INSERT_ORDERS,
+                _columns(
+                    rows,
+                    (
+                        "order_id",
+                        "customer_id",
+                        "currency",
+                        "total",
+                        "status",
+                        "status_reason",
+                        "version",
+                        "created_by_source",
+                        "created_by_event",
+                        "idempotency_source",
+                        "idempotency_key",
+                        "fingerprint",
+                        "submitted_at",
+                        "duplicate_of",
+                    ),
+                ),
+            ).all()
+            if len(inserted) != len(rows):
+                raise BatchRace(f"{len(rows) - len(inserted)} orders were inserted meanwhile")
+            conn.execute(
+                _INSERT_LINES,
+                _columns(self._lines, ("order_id", "line_no", "sku", "quantity", "unit_price")),
+            )
+        changed = [o for o in self._orders.values() if o.changes and not o.new]
+        if changed:
+            conn.execute(
+                _UPDATE_ORDERS,
+                {
+                    "order_id": [o.order_id for o in changed],
+                    "status": [str(o.status) for o in changed],
+                    "reason": [o.status_reason for o in changed],
+                    "changes": [o.changes for o in changed],
+                },
+            )
+        moved = sorted(s for s, now in self._stock.items() if now != self._stock_before[s])
+        if moved:
+            conn.execute(
+                _UPDATE_STOCK,
+                {
+                    "sku": moved,
+                    "on_hand": [self._stock[s].on_hand for s in moved],
+                    "reserved": [self._stock[s].reserved for s in moved],
+                },
+            )
+        if self._movements:
+            conn.execute(
+                _INSERT_MOVEMENTS,
+                _columns(
+                    self._movements,
+                    (
+                        "source",
+                        "event_id",
+                        "sku",
+                        "kind",
+                        "order_id",
+                        "on_hand_delta",
+                        "reserved_delta",
+                    ),
+                ),
+            )
+        if self._ledger:
+            conn.execute(
+                _INSERT_LEDGER,
+                _columns(
+                    self._ledger,
+                    ("source", "event_id", "leg", "order_id", "account", "amount", "currency"),
+                ),
+            )
