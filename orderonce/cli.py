@@ -156,6 +156,9 @@ def chaos(
         str, typer.Option(help="correct, or a deliberately broken worker (negative control).")
     ] = "correct",
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the drain.")] = 600.0,
+    batch: Annotated[
+        bool, typer.Option("--batch", help="Publish batch messages of 20 events (batch mode).")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="Keep servers' data, logs and the publish log here.")
@@ -177,6 +180,7 @@ def chaos(
             variant=variant,
             drain_timeout_s=drain_timeout,
             workdir=workdir,
+            batch=batch,
         )
     )
     if out is not None:

@@ -134,17 +134,24 @@ class Publisher:
     def publish_raw_batch(self, bodies: Sequence[str]) -> None:
         """Send already-serialised events as one batch message (each body recorded in the
         outbox first, when there is one; the relay resends lost ones one by one)."""
-        send = self._app.send_task
-        options = {"args": [list(bodies)], "queue": self._queue, "retry": False}
         if self._outbox is None:
-            self._retrying(send, BATCH_TASK_NAME, **options)
+            self.send_batch(bodies)
             return
         with self._outbox.begin() as conn:
             outbox.add(conn, bodies, sent=True, resend_after=self._resend_after)
         try:
-            self._retrying(send, BATCH_TASK_NAME, **options)
+            self.send_batch(bodies)
         except Exception as exc:  # durable already: the relay sends them once they are due
             log.warning("broker send failed; the relay will send it from the outbox: %s", exc)
+
+    def send_batch(self, bodies: Sequence[str], *, retry: bool = True) -> None:
+        """Send bodies as one batch message; with ``retry``, with backoff on broker errors."""
+        send = self._app.send_task
+        options = {"args": [list(bodies)], "queue": self._queue, "retry": False}
+        if retry:
+            self._retrying(send, BATCH_TASK_NAME, **options)
+        else:
+            send(BATCH_TASK_NAME, **options)
 
     def close(self) -> None:
         self._app.close()

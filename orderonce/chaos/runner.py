@@ -87,6 +87,7 @@ class ChaosOptions:
     marked_per_window: int | None = None  # default: events / 5,000, at least 3
     drain_timeout_s: float = 600.0
     backlog: int = 300  # the publisher stays at most this many events ahead of the workers
+    batch: bool = False  # publish each chunk of 20 as one batch message (batch mode)
     workdir: Path | None = None
     keep_workdir: bool = False
 
@@ -248,10 +249,13 @@ class _Run:
             self.awaiting_rows.update(
                 p.identity for p in chunk if p.identity is not None and p.kind != "poison"
             )
-            for body in bodies:
-                # Committed to the outbox already: if the broker is down, the relay sends it.
-                with contextlib.suppress(Exception):
-                    publisher.send(body, retry=False)
+            # Committed to the outbox already: if the broker is down, the relay sends it.
+            with contextlib.suppress(Exception):
+                if self.opts.batch:
+                    publisher.send_batch(bodies, retry=False)
+                else:
+                    for body in bodies:
+                        publisher.send(body, retry=False)
             return
 
     @staticmethod
@@ -480,6 +484,7 @@ class _Run:
             "ok": all(f.ok for f in findings),
             "variant": self.opts.variant,
             "profile": self.opts.profile,
+            "batch_mode": self.opts.batch,
             "seed": self.opts.seed,
             "events_published": len({a.identity or a.sha256 for a in attempts}),
             "publish_attempts": len(attempts),

@@ -52,3 +52,11 @@ def test_negative_controls_show_red(variant: str, tmp_path: Path) -> None:
         {"lost"} if variant in ("ack_before_commit", "skip_when_locked") else {"duplicated_effects"}
     )
     assert expected <= failed, (variant, report["findings"])
+
+
+def test_batch_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    report = run(
+        ChaosOptions(events=1000, seed=12, batch=True, drain_timeout_s=240, workdir=tmp_path)
+    )
+    assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
+    assert report["attempt_outcomes"]["duplicate"] > 0  # type: ignore[index]
