@@ -1,0 +1,69 @@
+"""The chaos workload and the failpoint rules it relies on: pure, no servers."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from orderonce.chaos import workload
+from schemas import parse_event
+from worker import failpoints
+
+
+def test_the_workload_has_every_kind_and_marks_each_window() -> None:
+    load = workload.build(3000, seed=3, max_body_bytes=4096, marked_per_window=4)
+    kinds = Counter(p.kind for p in load.publications)
+    assert set(kinds) == {"valid", *workload.HOSTILE, "duplicate_copy"}
+    assert load.marked == dict.fromkeys(workload.WINDOWS, 4)
+    assert kinds["duplicate_copy"] / len(load.publications) == pytest.approx(0.05, abs=0.02)
+
+
+def test_every_copy_of_a_marked_event_carries_its_marker() -> None:
+    load = workload.build(3000, seed=3, max_body_bytes=4096)
+    by_identity: dict[object, set[str]] = {}
+    for p in load.publications:
+        if p.identity:
+            by_identity.setdefault(p.identity, set()).add(p.body)
+    marked = [i for i in by_identity if str(i[1]).startswith("fp-")]  # type: ignore[index]
+    assert marked
+    for identity in marked:
+        for body in by_identity[identity]:
+            event = parse_event(body.encode(), 1 << 20)
+            assert (event.source, event.id) == identity
+
+
+def test_hostile_bodies_fail_for_the_reason_their_kind_expects() -> None:
+    load = workload.build(3000, seed=3, max_body_bytes=4096)
+    for p in load.publications:
+        if p.kind in ("malformed", "oversized", "wrong_schema"):
+            with pytest.raises(Exception) as bad:
+                parse_event(p.body.encode(), 4096)
+            assert bad.value.reason in workload.EXPECTED_REASONS[p.kind]  # type: ignore[attr-defined]
+        if p.kind == "key_conflict":
+            assert orjson.loads(p.body)["idempotencykey"].startswith("conflict-")
+
+
+def test_once_rules_fire_once_per_body_and_always_rules_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "ORDERONCE_FAILPOINTS", "before_commit=raise~FP-A~once,before_commit=raise~POISON~always"
+    )
+    monkeypatch.setenv("ORDERONCE_FAILPOINTS_ONCE_DIR", str(tmp_path))
+    failpoints._configured.cache_clear()
+    try:
+        for body in (b"1 FP-A", b"2 FP-A"):
+            with pytest.raises(failpoints.FailpointError):
+                failpoints.failpoint("before_commit", body)
+            failpoints.failpoint("before_commit", body)  # fired once for this body: passes
+        for _ in range(3):
+            with pytest.raises(failpoints.FailpointError):
+                failpoints.failpoint("before_commit", b"POISON")
+        failpoints.failpoint("before_commit", b"innocent")
+        assert len(os.listdir(tmp_path)) == 2
+    finally:
+        failpoints._configured.cache_clear()
