@@ -17,6 +17,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from orderonce.broker import TASK_NAME, make_celery
 from orderonce.config import Settings
+from orderonce.routing import ordering_key, queue_for_key
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
 from schemas.signing import sign
@@ -58,6 +59,7 @@ class Publisher:
     def __init__(self, broker_url: str, settings: Settings, *, attempts: int = 8) -> None:
         self._app = make_celery(broker_url, settings)
         self._queue = settings.queue
+        self._ordered_queues = settings.ordered_queues
         self._key = (
             settings.signing_key.get_secret_value().encode() if settings.signing_key else None
         )
@@ -73,8 +75,20 @@ class Publisher:
         self.publish_raw(to_json(sign(event, self._key) if self._key else event))
 
     def publish_raw(self, body: str) -> None:
-        """Send a body as-is (already-serialised events, or replays of stored bodies)."""
-        self._retrying(self._app.send_task, TASK_NAME, args=[body], queue=self._queue, retry=False)
+        """Send a body as-is (already-serialised events, or replays of stored bodies).
+
+        Returns once the broker has the message: on RabbitMQ, publisher confirms make the send
+        wait for the broker's ack (a nack or a lost connection raises, and the send is retried).
+        """
+        self._retrying(
+            self._app.send_task, TASK_NAME, args=[body], queue=self.queue_for(body), retry=False
+        )
+
+    def queue_for(self, body: str) -> str:
+        """The queue of this body: per order when ordering is on (orderonce/routing.py)."""
+        if not self._ordered_queues:
+            return self._queue
+        return queue_for_key(self._queue, self._ordered_queues, ordering_key(body))
 
     def close(self) -> None:
         self._app.close()

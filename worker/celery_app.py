@@ -19,10 +19,11 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject, Retry
 
-from orderonce.broker import TASK_NAME, check_celery_safety, make_celery
+from orderonce.broker import TASK_NAME, check_celery_safety, make_celery, retry_countdown
 from orderonce.config import resolve, settings
 from schemas.parsing import as_bytes
 from worker import dead_letters, exactly_once, metrics
+from worker.broker_dead_letters import BrokerDeadLetters
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
 from worker.processed import count_redelivery
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 app = make_celery(resolve().broker_url, settings())
 app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
+# RabbitMQ's dead-letter queue, emptied into the dead_letters table (a no-op on Redis).
+app.steps["consumer"].add(BrokerDeadLetters)
 check_celery_safety(app.conf, settings())
 metrics.install_celery_hooks()
 
@@ -56,7 +59,10 @@ def _later(task: Task, cause: str, countdown: float) -> Retry:
     attempts[cause] = attempts.get(cause, 0) + 1
     metrics.observe_retry(cause)
     try:
-        return task.retry(countdown=countdown, headers={ATTEMPTS_HEADER: attempts})
+        return task.retry(
+            countdown=retry_countdown(resolve().broker_url, countdown),
+            headers={ATTEMPTS_HEADER: attempts},
+        )
     except Retry as retry:
         return retry
     except Exception as exc:  # the broker refused the delayed copy: keep the original instead

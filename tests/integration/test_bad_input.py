@@ -12,13 +12,12 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
-from orderonce.config import Settings
 from producers import Publisher
 from producers.publisher import to_json
 from schemas.signing import sign
 from tests import events
+from tests.brokers import BROKER_NAMES, Broker
 from tests.raw_broker import publish_raw_message, task_headers
-from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 
 
@@ -38,49 +37,44 @@ def _dead_letters(db: Engine) -> dict[str, int]:
         return {r: int(n) for r, n in rows}
 
 
-@pytest.fixture
-def publisher(servers: ServerUrls, settings: Settings) -> Publisher:
-    pub = Publisher(servers.redis_url, settings)
-    yield pub  # type: ignore[misc]
-    pub.close()
+# Every test here runs on Redis and on RabbitMQ (tests/brokers.py).
+pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 
 
 def test_messages_celery_cannot_run_are_dead_lettered(
     db: Engine,
     workers: WorkerFactory,
-    servers: ServerUrls,
-    settings: Settings,
+    broker: Broker,
     publisher: Publisher,
     tmp_path: Path,
 ) -> None:
+    settings = broker.settings
     worker = workers.start(pool="prefork", concurrency=1)
     canary = tmp_path / "unpickled"
     publish_raw_message(
-        servers.redis_url,
+        broker.url,
         settings,
         pickle.dumps(_TouchOnUnpickle(canary)),
         content_type="application/x-python-serialize",
         headers=task_headers(settings),
     )
     publish_raw_message(
-        servers.redis_url,
+        broker.url,
         settings,
         json.dumps([["x"], {}, {}]),
         content_type="application/json",
         headers=task_headers(settings, task="orderonce.no_such_task"),
     )
     publish_raw_message(
-        servers.redis_url,
+        broker.url,
         settings,
         b"\x00\xffnot even json",
         content_type="application/json",
         headers=task_headers(settings),
     )
+    publish_raw_message(broker.url, settings, "hello", content_type="text/plain", headers=None)
     publish_raw_message(
-        servers.redis_url, settings, "hello", content_type="text/plain", headers=None
-    )
-    publish_raw_message(
-        servers.redis_url,
+        broker.url,
         settings,
         '{"hello": 1}',
         content_type="application/json",
@@ -148,17 +142,18 @@ def test_poison_gets_bounded_attempts_then_a_dead_letter(
 
 
 def test_unsigned_and_forged_events_are_refused_when_keys_are_set(
-    db: Engine, workers: WorkerFactory, servers: ServerUrls, settings: Settings
+    db: Engine, workers: WorkerFactory, broker: Broker
 ) -> None:
+    settings = broker.settings
     # Workers verify with the new and the old key (a rotation in progress).
     workers.start(ORDERONCE_VERIFY_KEYS="new-key,old-key")
     signer = Publisher(
-        servers.redis_url, settings.model_copy(update={"signing_key": SecretStr("old-key")})
+        broker.url, settings.model_copy(update={"signing_key": SecretStr("old-key")})
     )
     forger = Publisher(
-        servers.redis_url, settings.model_copy(update={"signing_key": SecretStr("guessed-key")})
+        broker.url, settings.model_copy(update={"signing_key": SecretStr("guessed-key")})
     )
-    plain = Publisher(servers.redis_url, settings)
+    plain = Publisher(broker.url, settings)
     try:
         signer.publish(events.restock("SKU-SIGNED", 1))
         forger.publish(events.restock("SKU-FORGED", 1))
