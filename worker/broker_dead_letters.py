@@ -2,16 +2,18 @@
 
 A quorum queue dead-letters a message it has delivered more than ``x-delivery-limit`` times
 (each worker that took it died, or rejected it back), through the dead-letter exchange into
-``{queue}.dead``. Each worker consumes that queue too (a Celery consumer bootstep, so there is
-nothing else to deploy) and records every message there as a dead letter: for an orderonce
-task, the event body itself, so ``orderonce dead-letters replay`` works as for any other. The
-message is acknowledged only after its row commits; when the database is unavailable it goes
-back to the queue, which keeps it durably until a worker can record it.
+``{queue}.dead``. Each worker consumes that queue too (a thread started by a worker
+bootstep, so there is nothing else to deploy) and records every message there as a dead
+letter: for an orderonce task, the event body itself, so ``orderonce dead-letters replay``
+works as for any other. The message is acknowledged only after its row commits; when the
+database is unavailable it goes back to the queue, which keeps it durably until a worker can
+record it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any
 
 import orjson
 from celery import bootsteps
+from kombu.connection import Connection
 from kombu.messaging import Consumer
 
 from orderonce.broker import TASK_NAME, dead_letter_queue, is_amqp
@@ -39,6 +42,8 @@ DEATH_REASONS = {
 # Prefetch of the dead-letter consumer: dead letters are rare, and recording one is a short
 # transaction in the worker's main process.
 PREFETCH = 4
+HEARTBEAT_S = 30
+RECONNECT_PAUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -104,34 +109,79 @@ def _raw(message: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
 
 
-class BrokerDeadLetters(bootsteps.ConsumerStep):  # type: ignore[misc]  # celery ships no hints
-    """Consume ``{queue}.dead`` in the worker's main process (RabbitMQ brokers only)."""
+class BrokerDeadLetters(bootsteps.StartStopStep):  # type: ignore[misc]  # celery: no hints
+    """Consume ``{queue}.dead`` in a thread of the worker's main process (RabbitMQ only).
 
-    def include_if(self, c: Any) -> bool:
-        return is_amqp(str(c.app.conf.broker_url))
+    On a connection of its own: a second consumer on the worker's task connection made task
+    deliveries wait (seen: 10 s stalls between two messages on a solo worker), since Celery's
+    event loop reads that connection for its own consumer only. It starts after the pool, so
+    the pool's first processes are forked before the thread exists.
+    """
 
-    def get_consumers(self, channel: Any) -> list[Consumer]:
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def include_if(self, w: Any) -> bool:
+        return is_amqp(str(w.app.conf.broker_url))
+
+    def start(self, w: Any) -> None:
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(str(w.app.conf.broker_url),),
+            name="broker-dead-letters",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self, w: Any) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self, broker_url: str) -> None:
         queue = dead_letter_queue(runtime().settings)
-        return [
-            Consumer(  # type: ignore[no-untyped-call]  # kombu: no hints
-                channel,
-                queues=[queue],
-                # The raw message: the body is never deserialised here (it may be anything
-                # a publisher sent), and acked by hand once its row is in.
-                on_message=self._on_message,
-                prefetch_count=PREFETCH,
-                no_ack=False,
-            )
-        ]
+        while not self._stopping.is_set():
+            try:
+                connection = Connection(  # type: ignore[no-untyped-call]  # kombu: no hints
+                    broker_url, heartbeat=HEARTBEAT_S, connect_timeout=5
+                )
+                with connection as conn:
+                    consumer = Consumer(  # type: ignore[no-untyped-call]  # kombu: no hints
+                        conn.channel(),
+                        queues=[queue],
+                        # The raw message: the body is never deserialised here (it may be
+                        # anything a publisher sent), and it is acked by hand once its row is in.
+                        on_message=_record,
+                        prefetch_count=PREFETCH,
+                    )
+                    with consumer:
+                        self._drain(conn)
+            except Exception:
+                if self._stopping.is_set():
+                    return
+                log.exception("broker dead-letter consumer failed; reconnecting")
+                self._stopping.wait(RECONNECT_PAUSE_S)
 
-    def _on_message(self, message: Any) -> None:
-        letter = describe(_raw(message), message.content_type, message.headers or {})
-        try:
-            dead_letters.record_now(runtime().engine, letter.body, letter.reason, letter.detail)
-        except Exception:
-            log.exception("could not record a broker dead letter; it stays in the queue")
-            time.sleep(0.5)  # the database is down: don't spin on the same message
-            message.requeue()
-            return
-        metrics.observe_dead_letter(letter.reason)
-        message.ack()
+    def _drain(self, conn: Any) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn.drain_events(timeout=1)
+            except TimeoutError:
+                conn.heartbeat_check()
+
+
+def _record(message: Any) -> None:
+    letter = describe(_raw(message), message.content_type, message.headers or {})
+    try:
+        dead_letters.record_now(runtime().engine, letter.body, letter.reason, letter.detail)
+    except Exception:
+        log.exception("could not record a broker dead letter; it stays in the queue")
+        time.sleep(RECONNECT_PAUSE_S)  # the database is down: don't spin on the same message
+        message.requeue()
+        return
+    metrics.observe_dead_letter(letter.reason)
+    message.ack()

@@ -26,6 +26,7 @@ from worker import dead_letters, exactly_once, metrics
 from worker.broker_dead_letters import BrokerDeadLetters
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
+from worker.event_loop_tick import EventLoopTick
 from worker.processed import count_redelivery
 from worker.runtime import runtime
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 app = make_celery(resolve().broker_url, settings())
 app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
 # RabbitMQ's dead-letter queue, emptied into the dead_letters table (a no-op on Redis).
-app.steps["consumer"].add(BrokerDeadLetters)
+app.steps["worker"].add(BrokerDeadLetters)
+app.steps["consumer"].add(EventLoopTick)
 check_celery_safety(app.conf, settings())
 metrics.install_celery_hooks()
 
