@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint format bench clean down
+.PHONY: install demo test test-unit lint format bench bench-ordering clean down
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test-unit: install
 bench: install
 	$(BIN)/python -m bench.duplicate_check
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.ordering
+
+# What per-order ordering costs, alone (also the last part of `make bench`).
+bench-ordering: install
+	$(BIN)/python -m bench.ordering
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,9 +19,10 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from kombu import Connection
+from kombu.connection import Connection
 
 from orderonce.broker import dead_letter_exchange_name, dead_letter_queue
 from orderonce.config import Settings
@@ -100,9 +101,13 @@ def session_vhost(url: str) -> Iterator[tuple[str, bool]]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
+def _connect(url: str) -> Any:
+    return Connection(url, connect_timeout=5)  # type: ignore[no-untyped-call]  # kombu: no hints
+
+
 def _can_connect(url: str) -> bool:
     try:
-        with Connection(url, connect_timeout=5) as conn:
+        with _connect(url) as conn:
             conn.ensure_connection(max_retries=1)
         return True
     except Exception:
@@ -113,7 +118,7 @@ def delete_declared(url: str, settings: Settings) -> None:
     """Delete the queues and exchanges orderonce declares for ``settings.queue``."""
     base = settings.queue
     queues = [base, *(f"{base}.{i}" for i in range(MAX_SHARDS_DELETED))]
-    with Connection(url, connect_timeout=5) as conn:
+    with _connect(url) as conn:
         for name in [*queues, dead_letter_queue(settings).name]:
             with contextlib.suppress(Exception):
                 conn.default_channel.queue_delete(name)
@@ -124,6 +129,6 @@ def delete_declared(url: str, settings: Settings) -> None:
 
 def message_count(url: str, queue: str) -> int:
     """Messages ready in ``queue`` (a passive declare: it must exist)."""
-    with Connection(url, connect_timeout=5) as conn:
+    with _connect(url) as conn:
         declared = conn.default_channel.queue_declare(queue, passive=True)
         return int(declared.message_count)
