@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from orderonce.config import Settings, resolve
 from orderonce.demo_stream import DemoStream
 from orderonce.processes import WorkerProcess, wait_until
 from producers import Publisher
-from tests.brokers import DEFAULT_AMQP_URL, delete_declared, listening
+from tests.brokers import DEFAULT_AMQP_URL, delete_declared, listening, session_vhost
 from tests.servers import empty_redis_db, fresh_database
 from worker import reports
 from worker.db import make_engine
@@ -143,7 +143,12 @@ def run(opts: Options) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="orderonce-bench-ordering-"))
     amqp_url = _amqp_url() if opts.amqp else None
     results: list[dict[str, Any]] = []
-    with empty_redis_db(urls.redis_url) as redis_url:
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(empty_redis_db(urls.redis_url))
+        if amqp_url:
+            # A virtual host of its own when rabbitmqctl may make one (tests/brokers.py), so
+            # Celery's delay queues and exchanges go with it afterwards.
+            amqp_url, _private = stack.enter_context(session_vhost(amqp_url))
         brokers = [("redis", redis_url)] + ([("rabbitmq", amqp_url)] if amqp_url else [])
         for k in range(1, opts.runs + 1):
             for name, broker_url in brokers:
