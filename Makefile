@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint format bench chaos clean down
+.PHONY: install demo test test-unit lint format bench bench-ordering chaos clean down
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test-unit: install
 bench: install
 	$(BIN)/python -m bench.duplicate_check
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.ordering
+
+# What per-order ordering costs, alone (also the last part of `make bench`).
+bench-ordering: install
+	$(BIN)/python -m bench.ordering
 
 # 100,000 events under every fault of docs/guarantees.md; the JSON result lands in chaos-results/.
 chaos: install

@@ -7,17 +7,114 @@ worker whose configuration drifted from them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from orderonce.config import Settings, UnsafeSettings
+from orderonce.routing import shard_queues
 
 TASK_NAME = "orderonce.process_event"
 # Batch mode: one message carries a list of events (producer-side batches, see
 # worker/exactly_once_batch.py). Consumption is unchanged: one message at a time, prefetch 1,
 # acked after its commit, so none of the settings below needs to change for it.
 BATCH_TASK_NAME = "orderonce.process_batch"
+
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+
+def is_amqp(broker_url: str) -> bool:
+    return urlsplit(broker_url).scheme in AMQP_SCHEMES
+
+
+def task_queue_names(settings: Settings) -> list[str]:
+    """The queues events go to: the one queue, or the N ordered ones."""
+    if settings.ordered_queues:
+        return shard_queues(settings.queue, settings.ordered_queues)
+    return [settings.queue]
+
+
+def dead_letter_exchange_name(settings: Settings) -> str:
+    return f"{settings.queue}.dlx"
+
+
+def dead_letter_queue(settings: Settings) -> Queue:
+    """Where RabbitMQ puts what it dead-letters; worker/broker_dead_letters.py empties it into
+    the dead_letters table. Fanout: a retried message's routing key carries a delay prefix, and
+    every task queue's messages must land here whatever their key."""
+    return Queue(  # type: ignore[no-untyped-call]  # kombu: no hints
+        f"{settings.queue}.dead",
+        Exchange(dead_letter_exchange_name(settings), type="fanout", durable=True),  # type: ignore[no-untyped-call]  # kombu: no hints
+        routing_key="",
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def amqp_task_queue(name: str, settings: Settings) -> Queue:
+    """A RabbitMQ task queue with the guarantees of docs/operations.md#rabbitmq.
+
+    Quorum: replicated, durable, and it counts deliveries. A message returned more than
+    ``delivery_limit`` times (its worker died, or it was rejected) is dead-lettered, with
+    at-least-once dead-lettering (RabbitMQ drops a dead letter it cannot route otherwise; this
+    needs ``x-overflow: reject-publish``). A topic exchange, because Celery's native delayed
+    delivery (how a retry's countdown works on quorum queues) cannot route through a direct one.
+    An ordered queue has a single active consumer: a second worker started on it waits.
+    """
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-exchange": dead_letter_exchange_name(settings),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    if settings.ordered_queues:
+        arguments["x-single-active-consumer"] = True
+    return Queue(  # type: ignore[no-untyped-call]  # kombu: no hints
+        name,
+        Exchange(name, type="topic", durable=True),  # type: ignore[no-untyped-call]  # kombu: no hints
+        routing_key=name,
+        durable=True,
+        queue_arguments=arguments,
+    )
+
+
+def _amqp_conf(settings: Settings) -> dict[str, Any]:
+    return {
+        "task_queues": [amqp_task_queue(name, settings) for name in task_queue_names(settings)],
+        # A queue name Celery does not know would be created as a classic queue, without a
+        # delivery limit or dead-letter exchange: refuse it instead.
+        "task_create_missing_queues": False,
+        "task_default_exchange_type": "topic",
+        # Quorum queues refuse a global prefetch; Celery sees them and uses a per-consumer one.
+        "worker_detect_quorum_queues": True,
+        # A retry's countdown waits in RabbitMQ's delay queues, not unacknowledged in a worker.
+        "broker_native_delayed_delivery_queue_type": "quorum",
+        "broker_transport_options": {
+            # Each publish (a producer's, or a worker's delayed retry copy sent before it acks
+            # the original) returns only once RabbitMQ has the message, or raises.
+            "confirm_publish": True,
+        },
+        "broker_connection_timeout": 5,
+        "broker_heartbeat": 60,
+    }
+
+
+def _redis_conf(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Scan for messages of dead workers every few seconds (kombu's default is about
+            # every 100 s), so a redelivery comes within visibility timeout + this interval.
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
+    }
 
 
 def make_celery(broker_url: str, settings: Settings) -> Celery:
@@ -36,21 +133,24 @@ def make_celery(broker_url: str, settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            # Scan for messages of dead workers every few seconds (kombu's default is about
-            # every 100 s), so a redelivery comes within visibility timeout + this interval.
-            "unacked_restore_interval": settings.restore_interval_s,
-            "unacked_restore_throttle": 1,
-            "socket_timeout": 10,
-            "socket_connect_timeout": 5,
-        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
+    app.conf.update(_amqp_conf(settings) if is_amqp(broker_url) else _redis_conf(settings))
     return app
+
+
+def retry_countdown(broker_url: str, seconds: float) -> float:
+    """A retry's countdown as the broker can keep it.
+
+    On RabbitMQ a delayed message waits in queues of whole seconds (Celery's native delayed
+    delivery); a countdown under one second would make Celery's send raise.
+    """
+    if is_amqp(broker_url):
+        return float(max(1, math.ceil(seconds)))
+    return seconds
 
 
 def check_celery_safety(conf: Any, settings: Settings) -> None:
@@ -64,10 +164,34 @@ def check_celery_safety(conf: Any, settings: Settings) -> None:
         problems.append("task_reject_on_worker_lost must be on with late acks")
     if conf.worker_prefetch_multiplier != 1:
         problems.append("worker_prefetch_multiplier must be 1")
-    visibility = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
-    if conf.task_time_limit is None or visibility <= conf.task_time_limit:
-        problems.append("the broker visibility timeout must exceed the task time limit")
+    options = conf.broker_transport_options or {}
+    if is_amqp(str(conf.broker_url)):
+        problems += _amqp_problems(conf, settings)
+        if conf.task_time_limit is None:
+            problems.append("a task time limit is needed")
+    else:
+        visibility = options.get("visibility_timeout", 3600)
+        if conf.task_time_limit is None or visibility <= conf.task_time_limit:
+            problems.append("the broker visibility timeout must exceed the task time limit")
     if settings.lock_ttl_ms / 1000 <= (conf.task_time_limit or float("inf")):
         problems.append("the lock TTL must exceed the task time limit")
     if problems:
         raise UnsafeSettings("; ".join(problems))
+
+
+def _amqp_problems(conf: Any, settings: Settings) -> list[str]:
+    problems = []
+    if not (conf.broker_transport_options or {}).get("confirm_publish"):
+        problems.append("RabbitMQ needs publisher confirms (confirm_publish)")
+    if conf.task_create_missing_queues:
+        problems.append("task_create_missing_queues would create queues without a delivery limit")
+    queues = {q.name: q for q in conf.task_queues or ()}
+    for name in task_queue_names(settings):
+        arguments = (queues[name].queue_arguments if name in queues else None) or {}
+        if arguments.get("x-queue-type") != "quorum":
+            problems.append(f"queue {name} must be a quorum queue")
+        if not arguments.get("x-delivery-limit"):
+            problems.append(f"queue {name} needs a delivery limit")
+        if not arguments.get("x-dead-letter-exchange"):
+            problems.append(f"queue {name} needs a dead-letter exchange")
+    return problems

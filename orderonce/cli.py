@@ -67,10 +67,22 @@ def worker(
     metrics_port: Annotated[
         int, typer.Option(help="Serve Prometheus metrics on this port (0: off).", min=0, max=65535)
     ] = 0,
+    shard: Annotated[
+        int | None,
+        typer.Option(
+            help="With ORDERONCE_ORDERED_QUEUES=N: consume ordered queue I only (0..N-1), "
+            "one event at a time.",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker that applies events exactly once."""
     from orderonce import logs
 
+    queue = _worker_queue(shard)
+    if queue is not None:
+        # One order's events in sequence: one message at a time, in one process.
+        pool, concurrency = "solo", 1
     logs.configure(loglevel)
     if metrics_port:
         from worker import metrics
@@ -96,7 +108,29 @@ def worker(
     ]
     if name:
         argv.append(f"--hostname={name}")
+    if queue is not None:
+        argv.append(f"--queues={queue}")
     celery_app.worker_main(argv)
+
+
+def _worker_queue(shard: int | None) -> str | None:
+    """The one ordered queue this worker consumes; None when ordering is off."""
+    from orderonce.config import settings
+    from orderonce.routing import shard_queue
+
+    count = settings().ordered_queues
+    if count == 0:
+        if shard is not None:
+            console.print("[red]--shard needs ORDERONCE_ORDERED_QUEUES set[/]")
+            raise typer.Exit(2)
+        return None
+    if shard is None or shard >= count:
+        console.print(
+            f"[red]ORDERONCE_ORDERED_QUEUES={count}: start each worker with --shard I, "
+            f"I in 0..{count - 1}, one worker per shard[/]"
+        )
+        raise typer.Exit(2)
+    return shard_queue(settings().queue, shard)
 
 
 @app.command()

@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".orderonce")
 
     queue: str = "orderonce.events"
+    # Per-order ordering (docs/operations.md#per-order-ordering): 0 is off. N > 0 routes each
+    # event by its order id (subject) to one of the queues ``{queue}.0`` .. ``{queue}.{N-1}``,
+    # each consumed by one single-threaded worker (``orderonce worker --shard I``).
+    ordered_queues: int = 0
+    # RabbitMQ only: a message returned to its queue (a worker died or rejected it) more often
+    # than this goes to the dead-letter exchange and from there to the dead_letters table.
+    delivery_limit: int = 10
     max_body_bytes: int = 256 * 1024
 
     # Time budget of one delivery. The lock must outlive any live holder (ttl > hard limit), and
@@ -102,6 +109,10 @@ def check_safety(s: Settings) -> None:
         )
     if s.idle_in_transaction_timeout_ms / 1000 >= s.lock_ttl_ms / 1000:
         problems.append("idle_in_transaction_timeout_ms must be shorter than lock_ttl_ms")
+    if s.delivery_limit < 1:
+        problems.append("delivery_limit must be at least 1, or RabbitMQ never redelivers")
+    if s.ordered_queues < 0:
+        problems.append("ordered_queues must be 0 (off) or a number of queues")
     if problems:
         raise UnsafeSettings("; ".join(problems))
 

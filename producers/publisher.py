@@ -23,6 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from orderonce.broker import BATCH_TASK_NAME, TASK_NAME, make_celery
 from orderonce.config import Settings
+from orderonce.routing import ordering_key, queue_for_key
 from producers import outbox
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
@@ -75,6 +76,7 @@ class Publisher:
     ) -> None:
         self._app = make_celery(broker_url, settings)
         self._queue = settings.queue
+        self._ordered_queues = settings.ordered_queues
         self._key = (
             settings.signing_key.get_secret_value().encode() if settings.signing_key else None
         )
@@ -116,10 +118,14 @@ class Publisher:
         return to_json(sign(event, self._key) if self._key else event)
 
     def send(self, body: str, *, retry: bool = True) -> None:
-        """Send one body to the broker; with ``retry``, with backoff on broker errors."""
+        """Send one body to the broker; with ``retry``, with backoff on broker errors.
+
+        Returns once the broker has the message: on RabbitMQ, publisher confirms make the send
+        wait for the broker's ack (a nack or a lost connection raises, and the send is retried).
+        """
         send = self._app.send_task
         args = (TASK_NAME,)
-        options = {"args": [body], "queue": self._queue, "retry": False}
+        options = {"args": [body], "queue": self.queue_for(body), "retry": False}
         if retry:
             self._retrying(send, *args, **options)
         else:
@@ -152,6 +158,12 @@ class Publisher:
             self._retrying(send, BATCH_TASK_NAME, **options)
         else:
             send(BATCH_TASK_NAME, **options)
+
+    def queue_for(self, body: str) -> str:
+        """The queue of this body: per order when ordering is on (orderonce/routing.py)."""
+        if not self._ordered_queues:
+            return self._queue
+        return queue_for_key(self._queue, self._ordered_queues, ordering_key(body))
 
     def close(self) -> None:
         self._app.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,15 @@ import redis
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
+from producers import Publisher
+from tests.brokers import (
+    DEFAULT_AMQP_URL,
+    Broker,
+    delete_declared,
+    listening,
+    session_vhost,
+    settings_from_env,
+)
 from tests.servers import (
     ServerUrls,
     empty_redis_db,
@@ -51,8 +61,51 @@ def worker_env(servers: ServerUrls) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def settings(worker_env: dict[str, str]) -> Settings:
-    values = {k.removeprefix("ORDERONCE_").lower(): v for k, v in worker_env.items()}
-    return Settings(**values)  # type: ignore[arg-type]
+    return settings_from_env(worker_env)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str | None]:
+    """This session's RabbitMQ (tests/brokers.py), or None when nothing listens."""
+    url = os.environ.get("ORDERONCE_TEST_AMQP_URL", DEFAULT_AMQP_URL)
+    if not listening(url):
+        yield None
+        return
+    with session_vhost(url) as (session_url, _private):
+        yield session_url
+
+
+@pytest.fixture
+def broker(
+    request: pytest.FixtureRequest,
+    worker_env: dict[str, str],
+    settings: Settings,
+    rabbitmq_url: str | None,
+) -> Iterator[Broker]:
+    """The broker of this test: Redis unless the test is parametrized with
+    ``@pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)``."""
+    name = getattr(request, "param", "redis")
+    if name == "redis":
+        yield Broker("redis", worker_env["ORDERONCE_BROKER_URL"], worker_env, settings)
+        return
+    if rabbitmq_url is None:
+        url = os.environ.get("ORDERONCE_TEST_AMQP_URL", DEFAULT_AMQP_URL)
+        pytest.skip(f"no RabbitMQ listening at {url} (set ORDERONCE_TEST_AMQP_URL)")
+    env = {
+        **worker_env,
+        "ORDERONCE_BROKER_URL": rabbitmq_url,
+        "ORDERONCE_QUEUE": f"orderonce.test.{os.getpid()}.{uuid.uuid4().hex[:8]}",
+    }
+    rabbit = Broker("rabbitmq", rabbitmq_url, env, settings_from_env(env))
+    yield rabbit
+    delete_declared(rabbitmq_url, rabbit.settings)
+
+
+@pytest.fixture
+def publisher(broker: Broker) -> Iterator[Publisher]:
+    pub = Publisher(broker.url, broker.settings)
+    yield pub
+    pub.close()
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +138,7 @@ def db(engine: Engine, servers: ServerUrls) -> Engine:
 
 
 @pytest.fixture
-def workers(worker_env: dict[str, str], tmp_path: Path) -> Iterator[WorkerFactory]:
-    factory = WorkerFactory(worker_env, tmp_path)
+def workers(broker: Broker, tmp_path: Path) -> Iterator[WorkerFactory]:
+    factory = WorkerFactory(broker.env, tmp_path)
     yield factory
     factory.stop_all()

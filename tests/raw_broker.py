@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from kombu import Connection, Exchange, Queue
+from kombu import Connection
 
 from orderonce.broker import TASK_NAME, make_celery
 from orderonce.config import Settings
@@ -27,7 +27,8 @@ def publish_raw_message(
     content_type: str,
     headers: dict[str, Any] | None,
 ) -> None:
-    queue = Queue(settings.queue, Exchange(settings.queue), routing_key=settings.queue)
+    # The queue as orderonce declares it (on RabbitMQ: quorum, with its arguments).
+    queue = make_celery(broker_url, settings).amqp.queues[settings.queue]
     with Connection(broker_url) as conn:
         conn.Producer().publish(
             body,

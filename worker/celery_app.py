@@ -19,12 +19,21 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject, Retry
 
-from orderonce.broker import BATCH_TASK_NAME, TASK_NAME, check_celery_safety, make_celery
+from orderonce.broker import (
+    BATCH_TASK_NAME,
+    TASK_NAME,
+    check_celery_safety,
+    make_celery,
+    retry_countdown,
+)
 from orderonce.config import resolve, settings
+from orderonce.routing import ordering_key, queue_for_key
 from schemas.parsing import as_bytes
 from worker import dead_letters, exactly_once, exactly_once_batch, metrics
+from worker.broker_dead_letters import BrokerDeadLetters
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
+from worker.event_loop_tick import EventLoopTick
 from worker.processed import count_redelivery
 from worker.runtime import runtime
 
@@ -32,6 +41,9 @@ log = logging.getLogger(__name__)
 
 app = make_celery(resolve().broker_url, settings())
 app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
+# RabbitMQ's dead-letter queue, emptied into the dead_letters table (a no-op on Redis).
+app.steps["worker"].add(BrokerDeadLetters)
+app.steps["consumer"].add(EventLoopTick)
 check_celery_safety(app.conf, settings())
 metrics.install_celery_hooks()
 
@@ -56,7 +68,10 @@ def _later(task: Task, cause: str, countdown: float) -> Retry:
     attempts[cause] = attempts.get(cause, 0) + 1
     metrics.observe_retry(cause)
     try:
-        return task.retry(countdown=countdown, headers={ATTEMPTS_HEADER: attempts})
+        return task.retry(
+            countdown=retry_countdown(resolve().broker_url, countdown),
+            headers={ATTEMPTS_HEADER: attempts},
+        )
     except Retry as retry:
         return retry
     except Exception as exc:  # the broker refused the delayed copy: keep the original instead
@@ -207,12 +222,17 @@ def _hand_to_single_path(
     the ack redelivers the batch and sends it again: the second copy is a duplicate."""
     rt = runtime()
     text_body = body.decode() if isinstance(body, bytes) else body
+    queue = rt.settings.queue
+    if rt.settings.ordered_queues:  # the event's own ordered queue, as the producer would
+        queue = queue_for_key(queue, rt.settings.ordered_queues, ordering_key(text_body))
     try:
         app.send_task(
             TASK_NAME,
             args=[text_body],
-            queue=rt.settings.queue,
-            countdown=countdown,
+            queue=queue,
+            countdown=None
+            if countdown is None
+            else retry_countdown(resolve().broker_url, countdown),
             headers={ATTEMPTS_HEADER: attempts or {}},
         )
     except Exception as exc:  # the broker refused: keep the whole batch instead

@@ -77,15 +77,19 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         if self._keep(message, reason, exc):
             super().on_decode_error(message, exc)
 
+    # Celery's own handlers for these reject the message without requeueing it: dropped on
+    # Redis, but dead-lettered by RabbitMQ (the queues have a dead-letter exchange), which would
+    # record it a second time. It is recorded already, so it is acknowledged instead.
+
     def on_unknown_message(self, body: Any, message: Any) -> None:
         if self._keep(message, "not_a_task", None):
-            super().on_unknown_message(body, message)
+            message.ack_log_error(log, self.connection_errors)
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
         if self._keep(message, "unknown_task", exc):
-            super().on_unknown_task(body, message, exc)
+            message.ack_log_error(log, self.connection_errors)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         reason = "content_type_refused" if isinstance(exc, ContentDisallowed) else "invalid_task"
         if self._keep(message, reason, exc):
-            super().on_invalid_task(body, message, exc)
+            message.ack_log_error(log, self.connection_errors)

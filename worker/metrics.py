@@ -63,6 +63,11 @@ DEAD_LETTER_REASONS = frozenset(
         "poison",
         "bad_signature",
         "bad_task_arguments",
+        # Dead-lettered by RabbitMQ (worker/broker_dead_letters.py).
+        "delivery_limit",
+        "broker_rejected",
+        "broker_expired",
+        "broker_maxlen",
         # Messages Celery itself cannot run (worker/consumer.py).
         "content_type_refused",
         "undecodable",

@@ -9,12 +9,12 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from sqlalchemy import Engine, text
 
-from orderonce.config import Settings
 from producers import Publisher
 from tests import events
-from tests.servers import ServerUrls
+from tests.brokers import BROKER_NAMES
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
@@ -24,8 +24,12 @@ def _processed(db: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one())
 
 
+# On Redis and on RabbitMQ (tests/brokers.py): what is in flight must come back from either.
+pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
+
+
 def test_shutdowns_under_load_lose_nothing(
-    db: Engine, workers: WorkerFactory, servers: ServerUrls, settings: Settings
+    db: Engine, workers: WorkerFactory, publisher: Publisher
 ) -> None:
     # Each event takes a little while, so every shutdown lands with work in flight.
     slow = {"ORDERONCE_FAILPOINTS": "before_commit=sleep:0.02"}
@@ -33,12 +37,8 @@ def test_shutdowns_under_load_lose_nothing(
     cold = workers.start("cold", pool="prefork", concurrency=2, **slow)
     quit_ = workers.start("quit", pool="solo", **slow)
     stream = [events.restock(f"SKU-{i % 9}", 1) for i in range(400)]
-    publisher = Publisher(servers.redis_url, settings)
-    try:
-        for event in stream:
-            publisher.publish(event)
-    finally:
-        publisher.close()
+    for event in stream:
+        publisher.publish(event)
 
     wait_until(lambda: _processed(db) >= 40, 60, "work under way")
     warm.signal_main(signal.SIGTERM)  # warm: finish what is in hand, then exit

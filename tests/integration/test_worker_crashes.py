@@ -20,17 +20,15 @@ from orderonce.embedded import PrivateRedis
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
+from tests.brokers import BROKER_NAMES
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 from worker.locks import lock_name
 
-
-@pytest.fixture
-def publisher(servers: ServerUrls, settings: Settings) -> Publisher:
-    pub = Publisher(servers.redis_url, settings)
-    yield pub  # type: ignore[misc]
-    pub.close()
+# Every test here runs on Redis and on RabbitMQ (tests/brokers.py): the broker is where a
+# crashed worker's message must come back from.
+pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 
 
 def _count(db: Engine, sql: str, **params: object) -> int:

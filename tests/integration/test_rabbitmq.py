@@ -1,0 +1,139 @@
+"""What RabbitMQ adds: a delivery limit whose dead letters land in the dead_letters table,
+publisher confirms, and nothing lost when a worker is killed outright.
+
+Skipped, saying why, when no RabbitMQ listens at ORDERONCE_TEST_AMQP_URL (tests/brokers.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+
+import pytest
+from amqp.exceptions import MessageNacked
+from kombu import Connection, Exchange, Queue
+from sqlalchemy import Engine, text
+
+from orderonce.broker import dead_letter_queue, make_celery
+from producers import Publisher
+from producers.publisher import to_json
+from tests import events
+from tests.brokers import Broker, message_count
+from tests.workers import WorkerFactory, wait_until
+from worker import reports
+
+pytestmark = pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+
+
+def _count(db: Engine, sql: str) -> int:
+    with db.connect() as conn:
+        return int(conn.execute(text(sql)).scalar_one())
+
+
+def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limit(
+    db: Engine, broker: Broker, tmp_path: object
+) -> None:
+    # The application's own poison count is set out of reach, so only RabbitMQ's delivery
+    # limit can stop this message: three deliveries, each ending its worker, then the
+    # dead-letter exchange, then a row in dead_letters.
+    limited = broker.with_env(ORDERONCE_DELIVERY_LIMIT="2", ORDERONCE_POISON_MAX_RETRIES="1000")
+    workers = WorkerFactory(limited.env, tmp_path)  # type: ignore[arg-type]
+    publisher = Publisher(limited.url, limited.settings)
+    try:
+        workers.start(
+            pool="prefork", concurrency=1, ORDERONCE_FAILPOINTS="before_commit=kill~SKU-X"
+        )
+        poison = events.restock("SKU-X", 1)
+        publisher.publish(poison)
+        publisher.publish(events.restock("SKU-FINE", 1))
+        wait_until(
+            lambda: _count(db, "SELECT count(*) FROM dead_letters WHERE reason='delivery_limit'"),
+            60,
+            "the delivery-limit dead letter",
+        )
+        wait_until(
+            lambda: _count(db, "SELECT count(*) FROM processed_messages") == 1, 30, "the good one"
+        )
+        with db.connect() as conn:
+            row = conn.execute(text("SELECT body_sha256, detail, attempts FROM dead_letters")).one()
+        # The event itself is kept, so `orderonce dead-letters replay` can run it again.
+        assert row.body_sha256 == hashlib.sha256(to_json(poison).encode()).hexdigest()
+        assert "delivery_limit" in row.detail
+        assert row.attempts == 1
+        assert _count(db, "SELECT count(*) FROM inventory WHERE sku = 'SKU-X'") == 0
+        # Acknowledged once recorded: nothing is left in the dead-letter queue.
+        wait_until(
+            lambda: message_count(limited.url, dead_letter_queue(limited.settings).name) == 0,
+            10,
+            "the dead-letter queue to be empty",
+        )
+        assert workers.started[0].alive()
+    finally:
+        publisher.close()
+        workers.stop_all()
+
+
+def test_a_publish_returns_once_the_broker_has_the_message(broker: Broker) -> None:
+    publisher = Publisher(broker.url, broker.settings)
+    try:
+        for i in range(5):
+            publisher.publish(events.restock(f"SKU-{i}", 1))
+            # No worker runs: the queue already holds every confirmed publish.
+            assert message_count(broker.url, broker.settings.queue) == i + 1
+    finally:
+        publisher.close()
+
+
+def test_with_confirms_a_refused_publish_raises_instead_of_vanishing(broker: Broker) -> None:
+    # A queue that takes one message and refuses the next (reject-publish): without publisher
+    # confirms the second publish would return as if it had been stored. (A classic queue: a
+    # quorum queue applies its length limit a little late, so which publish fails varies.)
+    app = make_celery(broker.url, broker.settings)
+    full = Queue(
+        f"{broker.settings.queue}.full",
+        Exchange(f"{broker.settings.queue}.full", type="topic"),
+        routing_key="full",
+        queue_arguments={
+            "x-queue-type": "classic",
+            "x-max-length": 1,
+            "x-overflow": "reject-publish",
+        },
+    )
+    try:
+        with app.connection_for_write() as conn:
+            producer = conn.Producer()
+            producer.publish("one", exchange=full.exchange, routing_key="full", declare=[full])
+            with pytest.raises(MessageNacked):
+                producer.publish("two", exchange=full.exchange, routing_key="full")
+    finally:
+        with Connection(broker.url) as conn:
+            conn.default_channel.queue_delete(full.name)
+            conn.default_channel.exchange_delete(full.exchange.name)
+        app.close()
+
+
+def test_nothing_is_lost_when_workers_are_killed(
+    db: Engine, workers: WorkerFactory, publisher: Publisher
+) -> None:
+    slow = {"ORDERONCE_FAILPOINTS": "before_commit=sleep:0.01"}
+    first = workers.start("a", pool="prefork", concurrency=2, **slow)
+    second = workers.start("b", pool="solo", **slow)
+    stream = [events.restock(f"SKU-{i % 7}", 1) for i in range(300)]
+    for i, event in enumerate(stream):
+        publisher.publish(event)
+        if i == 100:
+            first.signal_group(signal.SIGKILL)  # the whole worker, main process and pool
+        if i == 200:
+            second.signal_group(signal.SIGKILL)
+            time.sleep(0.2)
+            workers.start("c", pool="prefork", concurrency=2)
+    wait_until(
+        lambda: _count(db, "SELECT count(*) FROM processed_messages") == len(stream),
+        120,
+        "every event after the kills",
+    )
+    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(stream)
+    assert _count(db, "SELECT sum(on_hand) FROM inventory") == len(stream)
+    with db.connect() as conn:
+        assert all(c.ok for c in reports.verify(conn))
