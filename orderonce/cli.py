@@ -193,6 +193,10 @@ def chaos(
     batch: Annotated[
         bool, typer.Option("--batch", help="Publish batch messages of 20 events (batch mode).")
     ] = False,
+    broker_url: Annotated[
+        str | None,
+        typer.Option(help="A RabbitMQ URL to use as the broker (default: a private Redis)."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="Keep servers' data, logs and the publish log here.")
@@ -215,6 +219,7 @@ def chaos(
             drain_timeout_s=drain_timeout,
             workdir=workdir,
             batch=batch,
+            broker_url=broker_url,
         )
     )
     if out is not None:

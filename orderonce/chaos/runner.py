@@ -20,6 +20,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,8 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
+from kombu.connection import Connection
 from sqlalchemy import Engine, text
 
+from orderonce.broker import dead_letter_exchange_name, dead_letter_queue, is_amqp
 from orderonce.chaos import broken, checks, publog, workload
 from orderonce.config import Settings, check_safety
 from orderonce.embedded import PrivatePostgres, PrivateRedis
@@ -88,6 +91,7 @@ class ChaosOptions:
     drain_timeout_s: float = 600.0
     backlog: int = 300  # the publisher stays at most this many events ahead of the workers
     batch: bool = False  # publish each chunk of 20 as one batch message (batch mode)
+    broker_url: str | None = None  # a RabbitMQ URL; default: the private Redis
     workdir: Path | None = None
     keep_workdir: bool = False
 
@@ -133,11 +137,13 @@ class _Run:
         if self.lock_redis is not None:
             self.lock_redis.start()
         locks_url = self.lock_redis.url if self.lock_redis else rds.url
+        # RabbitMQ, when given, is a shared server: never restarted, only its queues deleted.
+        self.broker_url = opts.broker_url or rds.url
         self.settings = Settings(
             database_url=pg.url,
             redis_url=locks_url,
-            broker_url=rds.url,
-            queue="orderonce.chaos",
+            broker_url=self.broker_url,
+            queue=f"orderonce.chaos.{uuid.uuid4().hex[:8]}",
             **timings,
         )
         check_safety(self.settings)
@@ -160,7 +166,7 @@ class _Run:
             **{f"ORDERONCE_{k.upper()}": str(v) for k, v in timings.items()},
             "ORDERONCE_DATABASE_URL": pg.url,
             "ORDERONCE_REDIS_URL": locks_url,
-            "ORDERONCE_BROKER_URL": rds.url,
+            "ORDERONCE_BROKER_URL": self.broker_url,
             "ORDERONCE_QUEUE": self.settings.queue,
             "ORDERONCE_FAILPOINTS": workload.failpoint_spec(),
             "ORDERONCE_FAILPOINTS_ONCE_DIR": str(self.once_dir),
@@ -199,7 +205,7 @@ class _Run:
             )
         if self.opts.profile == "full":
             self.relay = RelayProcess("relay", self.env, logs / "relay.log")
-        publisher = Publisher(self.redis.url, self.settings, attempts=1)
+        publisher = Publisher(self.broker_url, self.settings, attempts=1)
         try:
             for w in self.workers:
                 w.wait_ready(60)
@@ -219,6 +225,8 @@ class _Run:
             self.log.close()
             if self.lock_redis is not None:
                 self.lock_redis.stop()
+            if is_amqp(self.broker_url):
+                _delete_rabbitmq_queues(self.broker_url, self.settings)
         return self._report(engine, published_s, drained_s)
 
     def _publish(self, engine: Engine, publisher: Publisher) -> None:
@@ -352,7 +360,8 @@ class _Run:
             note(self.started, "lock_outage (the lock Redis is down for a few seconds)")
         elif fault == "redis_restart":
             self.redis.restart()
-            note(self.started, "redis_restart (broker queue and locks lost)")
+            lost = "locks lost" if is_amqp(self.broker_url) else "broker queue and locks lost"
+            note(self.started, f"redis_restart ({lost})")
         elif fault == "pg_restart":
             self.pg.stop("immediate")
             time.sleep(rng.uniform(0.2, 1.5))
@@ -485,6 +494,7 @@ class _Run:
             "variant": self.opts.variant,
             "profile": self.opts.profile,
             "batch_mode": self.opts.batch,
+            "broker": "rabbitmq" if is_amqp(self.broker_url) else "redis",
             "seed": self.opts.seed,
             "events_published": len({a.identity or a.sha256 for a in attempts}),
             "publish_attempts": len(attempts),
@@ -511,6 +521,18 @@ WHERE NOT EXISTS (SELECT 1 FROM processed_messages p
                   WHERE p.source = o.source AND p.event_id = o.event_id)
   AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.body_sha256 = o.body_sha256)
 """
+
+
+def _delete_rabbitmq_queues(url: str, settings: Settings) -> None:
+    """What this run declared on the shared RabbitMQ (Celery's shared delay queues stay)."""
+    with Connection(url, connect_timeout=5) as conn:  # type: ignore[no-untyped-call]
+        channel = conn.default_channel
+        for name in (settings.queue, dead_letter_queue(settings).name):
+            with contextlib.suppress(Exception):
+                channel.queue_delete(name)
+        for name in (settings.queue, dead_letter_exchange_name(settings)):
+            with contextlib.suppress(Exception):
+                channel.exchange_delete(name)
 
 
 def _stopped(pid: int) -> bool:

@@ -5,12 +5,14 @@ proves nothing). Private PostgreSQL and Redis servers: the harness restarts them
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from orderonce.chaos import broken, workload
 from orderonce.chaos.runner import ChaosOptions, run
+from tests.brokers import DEFAULT_AMQP_URL, listening, session_vhost
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -60,3 +62,17 @@ def test_batch_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path:
     )
     assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
     assert report["attempt_outcomes"]["duplicate"] > 0  # type: ignore[index]
+
+
+def test_on_rabbitmq_the_same_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    url = os.environ.get("ORDERONCE_TEST_AMQP_URL", DEFAULT_AMQP_URL)
+    if not listening(url):
+        pytest.skip(f"no RabbitMQ listens at {url} (ORDERONCE_TEST_AMQP_URL)")
+    with session_vhost(url) as (vhost_url, _private):
+        report = run(
+            ChaosOptions(
+                events=1000, seed=13, broker_url=vhost_url, drain_timeout_s=240, workdir=tmp_path
+            )
+        )
+    assert report["broker"] == "rabbitmq"
+    assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
