@@ -60,7 +60,7 @@ def test_small_demo_run_reports_what_the_database_holds(
     assert by_status == report["orders_by_status"]
     # Each order placed twice by its customer has a second order row, held as a suspect.
     assert sum(by_status.values()) == 200 + report["orders_placed_twice"]
-    assert (
-        report["events_published"]
-        == report["unique_events"] + (report["duplicates_suppressed"]["producer_retry"])
-    )
+    # Producer copies, plus any copy the relay sent while a killed worker's message waited.
+    copies = report["events_published"] - report["unique_events"]
+    assert copies <= report["duplicates_suppressed"]["producer_retry"]
+    assert report["duplicates_suppressed"]["producer_retry"] <= copies + report["relay_resends"]
