@@ -189,6 +189,10 @@ class _Run:
 
     def execute(self) -> dict[str, Any]:
         engine = make_engine(self.pg.url, self.settings)
+        # The checks read whole tables: they get a longer statement timeout than the workers.
+        self.check_engine = make_engine(
+            self.pg.url, self.settings.model_copy(update={"statement_timeout_ms": 300_000})
+        )
         upgrade(engine)
         if self.opts.variant != "correct":
             with engine.begin() as conn:
@@ -227,7 +231,8 @@ class _Run:
                 self.lock_redis.stop()
             if is_amqp(self.broker_url):
                 _delete_rabbitmq_queues(self.broker_url, self.settings)
-        return self._report(engine, published_s, drained_s)
+        engine.dispose()
+        return self._report(published_s, drained_s)
 
     def _publish(self, engine: Engine, publisher: Publisher) -> None:
         """The producer: every chunk is committed to the outbox, then sent; a chunk whose
@@ -312,15 +317,16 @@ class _Run:
     def _inject_until_published(self, engine: Engine) -> None:
         plan = self._schedule()
         total = len(self.load.restocks) + len(self.load.publications)
-        last_snapshot = 0.0
+        next_snapshot = 0.0
         while not self.publishing_done.is_set():
             self._supervise()
             progress = self.published_ok / total
             while plan and plan[0][0] <= progress:
                 self._inject(plan.pop(0)[1], engine)
-            if time.monotonic() - last_snapshot > 2:
-                self._snapshot(engine)
-                last_snapshot = time.monotonic()
+            if time.monotonic() > next_snapshot:
+                took = self._snapshot()
+                # Every 2 s, or less often once a snapshot takes long (a large database).
+                next_snapshot = time.monotonic() + max(2.0, 10 * took)
             time.sleep(0.1)
         for _, fault in plan:  # publishing outran the plan: the rest now
             self._inject(fault, engine)
@@ -443,23 +449,26 @@ class _Run:
             time.sleep(0.5)
         return float("nan")  # did not drain: the checks will say what is missing
 
-    def _snapshot(self, engine: Engine) -> None:
+    def _snapshot(self) -> float:
+        """Check the invariants on one consistent snapshot; how long that took."""
+        began = time.monotonic()
         try:
-            with engine.connect() as conn:
+            with self.check_engine.connect() as conn:
                 conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
                 found = checks.invariants(conn)
         except Exception:
-            return  # the database is down just now
+            return time.monotonic() - began  # the database is down just now
         self.tally.snapshots += 1
         for f in found:
             if not f.ok:
                 self.tally.snapshot_violations.append(f.detail)
+        return time.monotonic() - began
 
     # ---- the verdict -------------------------------------------------------------------
 
-    def _report(self, engine: Engine, published_s: float, drained_s: float) -> dict[str, Any]:
+    def _report(self, published_s: float, drained_s: float) -> dict[str, Any]:
         attempts = list(publog.read(self.log.path))
-        with engine.connect() as conn:
+        with self.check_engine.connect() as conn:
             findings = checks.final(conn, attempts, self.load.restocks)
             outcomes = checks.attempt_outcomes(conn, attempts)
             deliveries = conn.execute(
@@ -468,7 +477,7 @@ class _Run:
                     " coalesce(max(1 + duplicates), 0) FROM processed_messages"
                 )
             ).one()
-        engine.dispose()
+        self.check_engine.dispose()
         # Marker files are named point~match~body-hash (worker/failpoints.py).
         fired = Counter("~".join(p.stem.split("~")[:2]) for p in self.once_dir.glob("*.fired"))
         kills_by_failpoint = sum(
