@@ -16,26 +16,24 @@ import contextlib
 import os
 import random
 import shutil
-import signal
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import redis
 from kombu.connection import Connection
 from sqlalchemy import Engine, text
 
 from orderonce.broker import dead_letter_exchange_name, dead_letter_queue, is_amqp
 from orderonce.chaos import broken, checks, publog, workload
+from orderonce.chaos.cluster import Cluster
 from orderonce.config import Settings, check_safety
 from orderonce.embedded import PrivatePostgres, PrivateRedis
-from orderonce.processes import RelayProcess, WorkerProcess
 from producers import Publisher, outbox
 from worker.db import make_engine
 from worker.migrate import upgrade
@@ -62,6 +60,12 @@ TIMINGS: dict[str, Any] = {
     "max_body_bytes": 16 * 1024,
 }
 CONTROL_TIMINGS = TIMINGS | {"lock_ttl_ms": 10_000}
+
+# Worker processes: prefork ones (main process and pool children to kill), and a solo one.
+POOLS: dict[Profile, list[str]] = {
+    "full": ["prefork", "prefork", "solo"],
+    "control": ["prefork"] * 2,
+}
 
 # Faults per 1,000 published events (at least the minimum), by profile.
 RATES: dict[Profile, dict[str, tuple[float, int]]] = {
@@ -96,19 +100,6 @@ class ChaosOptions:
     keep_workdir: bool = False
 
 
-@dataclass
-class Tally:
-    faults: Counter[str] = field(default_factory=Counter)
-    worker_deaths: int = 0
-    snapshots: int = 0
-    snapshot_violations: list[str] = field(default_factory=list)
-    timeline: list[str] = field(default_factory=list)
-
-    def note(self, started: float, what: str) -> None:
-        self.faults[what.split()[0]] += 1
-        self.timeline.append(f"{time.monotonic() - started:7.1f}s {what}")
-
-
 def run(opts: ChaosOptions) -> dict[str, Any]:
     if opts.variant != "correct" and opts.variant not in broken.VARIANTS:
         raise ValueError(f"variant must be 'correct' or one of {broken.VARIANTS}")
@@ -133,7 +124,6 @@ class _Run:
         self.lock_redis = (
             PrivateRedis(workdir / "lock-redis") if opts.profile == "control" else None
         )
-        self.lock_back_at: float | None = None
         if self.lock_redis is not None:
             self.lock_redis.start()
         locks_url = self.lock_redis.url if self.lock_redis else rds.url
@@ -171,19 +161,15 @@ class _Run:
             "ORDERONCE_FAILPOINTS": workload.failpoint_spec(),
             "ORDERONCE_FAILPOINTS_ONCE_DIR": str(self.once_dir),
         }
-        self.tally = Tally()
+        self.snapshots = 0
+        self.snapshot_violations: list[str] = []
         self.published_ok = 0
         # Identities published ok that will get a processed row (poison gets a dead letter
         # only; raw hostile bodies have none): how far the workers are behind.
         self.awaiting_rows: set[tuple[str, str]] = set()
-        self.publishing_done = threading.Event()
         self.stop = threading.Event()
         self.log = publog.PublishLog(workdir / "publish-log.jsonl")
         self.started = time.monotonic()
-        self.workers: list[WorkerProcess] = []
-        self.relay: RelayProcess | None = None
-        self.paused: dict[int, float] = {}  # process group / pid -> when to resume
-        self.stopped_since: dict[int, float] = {}
 
     # ---- the run -----------------------------------------------------------------------
 
@@ -200,35 +186,36 @@ class _Run:
         entry: tuple[str, ...] = ("-m", "orderonce")
         if self.opts.variant != "correct":
             entry = ("-m", "orderonce.chaos.broken", self.opts.variant)
-        pools = ["prefork", "prefork", "solo"] if self.opts.profile == "full" else ["prefork"] * 2
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        for n, pool in enumerate(pools):
-            self.workers.append(
-                WorkerProcess(f"chaos{n}", self.env, logs / f"worker{n}.log", pool, 2, entry=entry)
-            )
-        if self.opts.profile == "full":
-            self.relay = RelayProcess("relay", self.env, logs / "relay.log")
+        self.cluster = Cluster(
+            pg=self.pg,
+            redis_server=self.redis,
+            lock_redis=self.lock_redis,
+            broker_url=self.broker_url,
+            env=self.env,
+            logs=logs,
+            pools=["prefork", "prefork", "solo"]
+            if self.opts.profile == "full"
+            else ["prefork"] * 2,
+            entry=entry,
+            with_relay=self.opts.profile == "full",
+            lock_ttl_s=self.lock_ttl_s,
+            rng=self.rng,
+        )
         publisher = Publisher(self.broker_url, self.settings, attempts=1)
         try:
-            for w in self.workers:
-                w.wait_ready(60)
+            self.cluster.wait_ready()
             sender = threading.Thread(target=self._publish, args=(engine, publisher), daemon=True)
             sender.start()
-            self._inject_until_published(engine)
+            self._inject_while_publishing(engine, sender)
             published_s = time.monotonic() - self.started
             drained_s = self._heal_and_drain(engine)
         finally:
             self.stop.set()
-            self._heal()
-            for w in self.workers:
-                w.kill()
-            if self.relay:
-                self.relay.kill()
+            self.cluster.stop()
             publisher.close()
             self.log.close()
-            if self.lock_redis is not None:
-                self.lock_redis.stop()
             if is_amqp(self.broker_url):
                 _delete_rabbitmq_queues(self.broker_url, self.settings)
         engine.dispose()
@@ -245,7 +232,6 @@ class _Run:
                 return
             self._wait(engine, lambda c: len(self.awaiting_rows) - c <= self.opts.backlog, 60)
             self._publish_chunk(engine, publisher, stream[start : start + 20])
-        self.publishing_done.set()
 
     def _publish_chunk(
         self, engine: Engine, publisher: Publisher, chunk: list[workload.Publication]
@@ -314,132 +300,30 @@ class _Run:
             plan += [(self.rng.uniform(0.05, 0.95), fault) for _ in range(count)]
         return sorted(plan)
 
-    def _inject_until_published(self, engine: Engine) -> None:
+    def _inject_while_publishing(self, engine: Engine, sender: threading.Thread) -> None:
         plan = self._schedule()
         total = len(self.load.restocks) + len(self.load.publications)
         next_snapshot = 0.0
-        while not self.publishing_done.is_set():
-            self._supervise()
+        while sender.is_alive():
+            self.cluster.supervise()
             progress = self.published_ok / total
             while plan and plan[0][0] <= progress:
-                self._inject(plan.pop(0)[1], engine)
+                self.cluster.inject(plan.pop(0)[1], engine)
             if time.monotonic() > next_snapshot:
                 took = self._snapshot()
                 # Every 2 s, or less often once a snapshot takes long (a large database).
                 next_snapshot = time.monotonic() + max(2.0, 10 * took)
             time.sleep(0.1)
         for _, fault in plan:  # publishing outran the plan: the rest now
-            self._inject(fault, engine)
-
-    def _inject(self, fault: str, engine: Engine) -> None:
-        rng, note = self.rng, self.tally.note
-        live = [w for w in self.workers if w.alive()]
-        if fault == "kill_main" and live:
-            victim = rng.choice(live)
-            victim.signal_group(signal.SIGKILL)
-            note(self.started, f"kill_main {victim.name}")
-        elif fault == "kill_child":
-            children = [(w, c) for w in live for c in w.children()]
-            if children:
-                victim, pid = rng.choice(children)
-                os.kill(pid, signal.SIGKILL)
-                note(self.started, f"kill_child {victim.name} pid {pid}")
-        elif fault == "pause" and live:
-            victim = rng.choice(live)
-            victim.signal_group(signal.SIGSTOP)
-            self.paused[victim.proc.pid] = time.monotonic() + self.lock_ttl_s + rng.uniform(0.5, 3)
-            note(self.started, f"pause {victim.name} past the lock TTL")
-        elif fault == "lock_wipe":
-            client = redis.Redis.from_url(self.redis.url, socket_timeout=2)
-            try:
-                keys = list(client.scan_iter("orderonce:lock:*"))
-                if keys:
-                    client.delete(*keys)
-                note(self.started, f"lock_wipe {len(keys)} keys")
-            except redis.RedisError:
-                pass
-            finally:
-                client.close()
-        elif fault == "lock_outage" and self.lock_redis is not None:
-            self.lock_redis.stop()
-            self.lock_back_at = time.monotonic() + rng.uniform(2, 4)
-            note(self.started, "lock_outage (the lock Redis is down for a few seconds)")
-        elif fault == "redis_restart":
-            self.redis.restart()
-            lost = "locks lost" if is_amqp(self.broker_url) else "broker queue and locks lost"
-            note(self.started, f"redis_restart ({lost})")
-        elif fault == "pg_restart":
-            self.pg.stop("immediate")
-            time.sleep(rng.uniform(0.2, 1.5))
-            self.pg.start()
-            note(self.started, "pg_restart (immediate stop)")
-        elif fault == "pg_terminate_backends":
-            try:
-                with engine.connect() as conn:
-                    ended = conn.execute(
-                        text(
-                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                            " AND state IN ('active', 'idle in transaction')"
-                        )
-                    ).scalar_one()
-                note(self.started, f"pg_terminate_backends {ended}")
-            except Exception:
-                pass
-        elif fault in ("warm_shutdown", "cold_shutdown") and live:
-            victim = rng.choice(live)
-            victim.signal_main(signal.SIGTERM if fault == "warm_shutdown" else signal.SIGQUIT)
-            note(self.started, f"{fault} {victim.name}")
-        elif fault == "relay_kill" and self.relay is not None:
-            self.relay.kill()
-            self.relay = RelayProcess("relay", self.env, self.relay.log)
-            note(self.started, "relay_kill (restarted)")
-
-    def _supervise(self) -> None:
-        """Restart dead workers; resume paused ones, and ones a failpoint stopped, once they
-        have been stopped past the lock TTL."""
-        now = time.monotonic()
-        if self.lock_redis is not None and self.lock_back_at and now >= self.lock_back_at:
-            self.lock_redis.start()
-            self.lock_back_at = None
-        for i, w in enumerate(self.workers):
-            if not w.alive():
-                self.tally.worker_deaths += 1
-                w.kill()  # reap, and close its log
-                self.workers[i] = w.restarted()
-        if self.relay is not None and not self.relay.alive():
-            self.relay.kill()
-            self.relay = RelayProcess("relay", self.env, self.relay.log)
-        for pgid, resume_at in list(self.paused.items()):
-            if now >= resume_at:
-                _signal_group(pgid, signal.SIGCONT)
-                del self.paused[pgid]
-        for w in self.workers:
-            for pid in [w.proc.pid, *w.children()]:
-                if _stopped(pid):
-                    since = self.stopped_since.setdefault(pid, now)
-                    if now - since > self.lock_ttl_s + 1 and w.proc.pid not in self.paused:
-                        os.kill(pid, signal.SIGCONT)
-                        self.stopped_since.pop(pid, None)
-                else:
-                    self.stopped_since.pop(pid, None)
-
-    def _heal(self) -> None:
-        for w in self.workers:
-            w.signal_group(signal.SIGCONT)
-        self.paused.clear()
-        self.pg.start()
-        self.redis.start()
-        if self.lock_redis is not None:
-            self.lock_redis.start()
+            self.cluster.inject(fault, engine)
 
     def _heal_and_drain(self, engine: Engine) -> float:
         """Stop the faults, then wait (bounded) until every outbox row has a terminal record."""
-        self._heal()
+        self.cluster.heal()
         began = time.monotonic()
         deadline = began + self.opts.drain_timeout_s
         while time.monotonic() < deadline:
-            self._supervise()
+            self.cluster.supervise()
             try:
                 with engine.connect() as conn:
                     if conn.execute(text(_UNSETTLED)).scalar_one() == 0:
@@ -458,10 +342,10 @@ class _Run:
                 found = checks.invariants(conn)
         except Exception:
             return time.monotonic() - began  # the database is down just now
-        self.tally.snapshots += 1
+        self.snapshots += 1
         for f in found:
             if not f.ok:
-                self.tally.snapshot_violations.append(f.detail)
+                self.snapshot_violations.append(f.detail)
         return time.monotonic() - began
 
     # ---- the verdict -------------------------------------------------------------------
@@ -486,15 +370,17 @@ class _Run:
             if action == "kill"
         )
         kills = (
-            self.tally.faults["kill_main"] + self.tally.faults["kill_child"] + kills_by_failpoint
+            self.cluster.tally.faults["kill_main"]
+            + self.cluster.tally.faults["kill_child"]
+            + kills_by_failpoint
         )
-        if self.tally.snapshot_violations:
+        if self.snapshot_violations:
             findings.append(
                 checks.Finding(
                     "invariants_on_snapshots",
                     False,
-                    len(self.tally.snapshot_violations),
-                    "; ".join(self.tally.snapshot_violations[:3]),
+                    len(self.snapshot_violations),
+                    "; ".join(self.snapshot_violations[:3]),
                 )
             )
         events = int(deliveries[0])
@@ -510,16 +396,16 @@ class _Run:
             "attempt_outcomes": outcomes,
             "marked_events": self.load.marked,
             "failpoint_hits": dict(fired),
-            "faults": dict(self.tally.faults),
+            "faults": dict(self.cluster.tally.faults),
             "sigkills": kills,
-            "worker_deaths": self.tally.worker_deaths,
-            "snapshots_checked": self.tally.snapshots,
+            "worker_deaths": self.cluster.tally.worker_deaths,
+            "snapshots_checked": self.snapshots,
             "publish_s": round(published_s, 1),
             "drain_s": None if drained_s != drained_s else round(drained_s, 1),
             "deliveries_per_event": round(int(deliveries[1]) / events, 3) if events else 0,
             "max_deliveries": int(deliveries[2]),
             "findings": [f.as_dict() for f in findings],
-            "timeline": self.tally.timeline,
+            "timeline": self.cluster.tally.timeline,
             "workdir": str(self.workdir),
         }
 
@@ -542,16 +428,3 @@ def _delete_rabbitmq_queues(url: str, settings: Settings) -> None:
         for name in (settings.queue, dead_letter_exchange_name(settings)):
             with contextlib.suppress(Exception):
                 channel.exchange_delete(name)
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] == "T"
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
