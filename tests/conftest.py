@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,9 +36,12 @@ from worker.db import make_engine
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerUrls]:
-    state_dir = tmp_path_factory.mktemp("embedded")
+def servers() -> Iterator[ServerUrls]:
+    # Not under pytest's basetemp: another pytest session on the machine may reap old basetemps
+    # (it keeps three), and with them the data directory of servers still running here.
+    state_dir = Path(tempfile.mkdtemp(prefix="orderonce-test-embedded-"))
     with (
+        _removed_after(state_dir),
         session_servers(
             os.environ.get("ORDERONCE_DATABASE_URL"),
             os.environ.get("ORDERONCE_REDIS_URL"),
@@ -45,6 +51,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerUrls]:
         empty_redis_db(found.redis_url) as r,
     ):
         yield ServerUrls(db_url, r)
+
+
+@contextmanager
+def _removed_after(path: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
