@@ -80,7 +80,9 @@ def build(
 ) -> Workload:
     rng = random.Random(seed)
     run = f"CHAOS{seed}"
-    stream = build_stream(run, max(10, events // 3), duplicate_rate, seed)
+    # The demo's stream has about 2.7 events per order (created, paid, shipped, ...): at least
+    # `events` distinct events come out.
+    stream = build_stream(run, max(10, round(events / 2.75)), duplicate_rate, seed)
     restocks = [Publication(p.body, "valid", p.key) for p in stream.restocks]
     pubs = [
         Publication(p.body, "duplicate_copy" if p.kind == "producer_retry" else "valid", p.key)
