@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.transport.virtual import QoS as VirtualQoS
+
 from orderonce.broker import TASK_NAME
 from worker import metrics
 from worker.db import is_transient
@@ -175,9 +177,7 @@ class Buffer:
         back = sorted(handed_back, key=lambda h: h.position)
         returned = {h.position for h in back}
         # Committed: ack every message whose event has its outcome now.
-        for position, item in enumerate(items):
-            if position not in returned:
-                item.message.ack_log_error(log, self._connection_errors)
+        self._ack([item.message for p, item in enumerate(items) if p not in returned])
         elapsed = time.perf_counter() - started
         for outcome in outcomes:
             metrics.observe_event(
@@ -192,3 +192,37 @@ class Buffer:
         # Handed back: each message, still unacked, runs the default mode's task, in order.
         for h in back:
             self._single(items[h.position].message)
+
+    def _ack(self, messages: list[Any]) -> None:
+        """Ack these messages; on kombu's Redis transport in one round trip (a pipeline of what
+        ``Message.ack`` sends for each) instead of one each. A failure leaves them unacked:
+        the broker redelivers them and they are counted as redeliveries."""
+        if not messages:
+            return
+        channel = messages[0].channel
+        qos: Any = getattr(channel, "qos", None)
+        remove = getattr(qos, "_remove_from_indices", None)
+        pipe_or_acquire = getattr(qos, "pipe_or_acquire", None)
+        if (
+            not isinstance(qos, VirtualQoS)
+            or remove is None
+            or pipe_or_acquire is None
+            or any(m.channel is not channel or m.acknowledged for m in messages)
+        ):
+            for m in messages:
+                m.ack_log_error(log, self._connection_errors)
+            return
+        try:
+            with pipe_or_acquire() as pipe:
+                for m in messages:
+                    remove(m.delivery_tag, pipe)
+                pipe.execute()
+        except Exception as exc:
+            log.warning(
+                "could not ack %d messages (they will be redelivered): %s", len(messages), exc
+            )
+            return
+        for m in messages:
+            # The rest of Message.ack: the channel's own bookkeeping, and the message's state.
+            VirtualQoS.ack(qos, m.delivery_tag)  # type: ignore[no-untyped-call]  # kombu
+            m._state = "ACK"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
@@ -72,7 +73,7 @@ def _restocks(marker: str, n: int) -> list[CloudEvent]:
 
 
 def test_the_demo_stream_applies_once_in_buffered_batches(
-    db: Engine, workers: WorkerFactory, publisher: Publisher
+    db: Engine, workers: WorkerFactory, publisher: Publisher, servers: ServerUrls
 ) -> None:
     stream = build_stream("BUF", 120, 0.1, seed=5)
     for p in stream.restocks:
@@ -99,6 +100,10 @@ def test_the_demo_stream_applies_once_in_buffered_batches(
     assert _count(db, "SELECT count(*) FROM processed_messages WHERE message_id LIKE '%/%'") == 0
     assert max(_batch_sizes(worker)) > 1
     _assert_verified(db)
+    # Every message was acked (kombu's Redis transport keeps unacked ones in a hash).
+    broker = redis.Redis.from_url(servers.redis_url)
+    wait_until(lambda: broker.hlen("unacked") == 0, 10, "every message to be acked")
+    broker.close()
 
 
 def test_a_buffered_batch_killed_mid_commit_is_redelivered_and_applied_once(
