@@ -89,7 +89,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
     def stop(self) -> None:
         # A warm shutdown: apply and ack what is buffered while the connection still works
         # (otherwise it would come back as redelivered messages: safe, only slower).
-        if self.buffer is not None:
+        if self.buffer is not None and len(self.buffer):
+            log.info("stopping: applying %d buffered messages first", len(self.buffer))
             self.buffer.flush()
         super().stop()
 

@@ -211,3 +211,23 @@ def test_buffered_mode_refuses_prefork(workers: WorkerFactory) -> None:
     wait_until(lambda: not worker.alive(), 30, "the worker to refuse to start")
     assert worker.proc.returncode == 2
     assert "solo" in worker.text()  # told to run it with --pool solo
+
+
+def test_a_warm_shutdown_applies_and_acks_the_buffer_first(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, servers: ServerUrls
+) -> None:
+    # A long wait keeps the messages in the buffer when SIGTERM arrives.
+    worker = workers.start(args=BUFFERED, ORDERONCE_BUFFERED_WAIT_MS="1000")
+    batch = [events.restock(f"SKU-{i}", 1) for i in range(5)]
+    for e in batch:
+        publisher.publish(e)
+    broker = redis.Redis.from_url(servers.redis_url)
+    wait_until(lambda: broker.hlen("unacked") == len(batch), 10, "the messages to be reserved")
+    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    worker.terminate()
+    assert worker.proc.returncode == 0
+    assert "stopping: applying 5 buffered messages first" in worker.text()
+    assert _count(db, "SELECT count(*) FROM processed_messages") == len(batch)
+    assert broker.hlen("unacked") == 0
+    broker.close()
+    _assert_verified(db)
