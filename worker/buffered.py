@@ -92,7 +92,9 @@ def plain_event(message: Any) -> Buffered | None:
 
 
 class Buffer:
-    """Up to ``size`` plain messages; applied together when full or ``wait_s`` after the first.
+    """Up to ``size`` plain messages; applied together when full or some time after the first:
+    as long as the previous batch took (group commit), at least ``wait_s``, at most
+    ``max_wait_s``.
 
     ``single`` hands one message to Celery's usual handling (the default mode's task);
     ``call_later(delay, fn)`` schedules ``fn`` on the consumer's event loop (or None: no wait).
@@ -102,12 +104,15 @@ class Buffer:
         self,
         size: int,
         wait_s: float,
+        max_wait_s: float,
         single: Callable[[Any], None],
         call_later: Callable[[float, Callable[[], None]], Any] | None,
         connection_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.size = size
         self.wait_s = wait_s
+        self.max_wait_s = max_wait_s
+        self._last_s = 0.0  # how long the previous batch took
         self._single = single
         self._call_later = call_later
         self._connection_errors = connection_errors
@@ -126,7 +131,8 @@ class Buffer:
         if len(self._items) >= self.size or self._call_later is None:
             self.flush()
         elif len(self._items) == 1:
-            self._timer = self._call_later(self.wait_s, self._on_timer)
+            wait = min(max(self.wait_s, self._last_s), self.max_wait_s)
+            self._timer = self._call_later(wait, self._on_timer)
         return True
 
     def _on_timer(self) -> None:
@@ -174,6 +180,7 @@ class Buffer:
             for item in items:
                 self._single(item.message)
             return
+        self._last_s = time.perf_counter() - started
         back = sorted(handed_back, key=lambda h: h.position)
         returned = {h.position for h in back}
         # Committed: ack every message whose event has its outcome now.

@@ -81,6 +81,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         return Buffer(
             s.buffered,
             s.buffered_wait_ms / 1000,
+            s.buffered_max_wait_ms / 1000,
             single,
             hub.call_later if hub is not None else None,
             tuple(self.connection_errors),

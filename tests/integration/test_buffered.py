@@ -217,7 +217,9 @@ def test_a_warm_shutdown_applies_and_acks_the_buffer_first(
     db: Engine, workers: WorkerFactory, publisher: Publisher, servers: ServerUrls
 ) -> None:
     # A long wait keeps the messages in the buffer when SIGTERM arrives.
-    worker = workers.start(args=BUFFERED, ORDERONCE_BUFFERED_WAIT_MS="1000")
+    worker = workers.start(
+        args=BUFFERED, ORDERONCE_BUFFERED_WAIT_MS="1000", ORDERONCE_BUFFERED_MAX_WAIT_MS="1000"
+    )
     batch = [events.restock(f"SKU-{i}", 1) for i in range(5)]
     for e in batch:
         publisher.publish(e)

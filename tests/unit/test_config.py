@@ -229,7 +229,13 @@ def test_prefetch_other_than_the_buffer_is_refused(buffered: int, prefetch: int)
 
 @pytest.mark.parametrize(
     "changes",
-    [{"buffered": -1}, {"buffered": 1001}, {"buffered_wait_ms": -1}, {"buffered_wait_ms": 1001}],
+    [
+        {"buffered": -1},
+        {"buffered": 1001},
+        {"buffered_wait_ms": -1},
+        {"buffered_wait_ms": 51},
+        {"buffered_max_wait_ms": 1001},
+    ],
 )
 def test_buffered_settings_out_of_range_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(UnsafeSettings, match="buffered"):
