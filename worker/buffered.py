@@ -3,7 +3,8 @@ single-event messages, one transaction.
 
 Default mode runs one Celery task, with one durable commit, per message. Here the worker's
 consumer reserves up to N messages (its prefetch), keeps the plain ones in a buffer, and when N
-are there, or ``buffered_wait_ms`` after the first arrived, applies them together with the batch
+are there, or some time after the first arrived (as long as the previous batch took, between
+``buffered_wait_ms`` and ``buffered_max_wait_ms``), applies them together with the batch
 protocol (``worker/exactly_once_batch.py``, through ``celery_app.apply_batch``): one pipelined
 Redis round trip to lock, one transaction, one to unlock. Producers do not change.
 
@@ -11,8 +12,8 @@ Guarantee: that of the batch protocol, per event, and the message rule of defaul
 
 - A message is acked only after its event's outcome (applied, rejected, duplicate, dead
   letter) is committed. Until then it is unacked: a worker killed with a full buffer, or in the
-  middle of the commit, gives every message back (visibility timeout; at once on a warm
-  shutdown), and the redelivered copies are applied once (nothing was committed) or counted as
+  middle of the commit, gives every message back (visibility timeout; a warm shutdown applies
+  and acks the buffer first, and a lost connection gives it back at once), and the redelivered copies are applied once (nothing was committed) or counted as
   redeliveries (everything was).
 - Each event keeps its own message id (the Celery task id) on its processed row, as on the
   single path, so a redelivered message is told from a producer's copy.
