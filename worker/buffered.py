@@ -13,8 +13,9 @@ Guarantee: that of the batch protocol, per event, and the message rule of defaul
 - A message is acked only after its event's outcome (applied, rejected, duplicate, dead
   letter) is committed. Until then it is unacked: a worker killed with a full buffer, or in the
   middle of the commit, gives every message back (visibility timeout; a warm shutdown applies
-  and acks the buffer first, and a lost connection gives it back at once), and the redelivered copies are applied once (nothing was committed) or counted as
-  redeliveries (everything was).
+  and acks the buffer first, and a lost connection gives it back at once), and the
+  redelivered copies are applied once (nothing was committed) or counted as redeliveries
+  (everything was).
 - Each event keeps its own message id (the Celery task id) on its processed row, as on the
   single path, so a redelivered message is told from a producer's copy.
 - Only plain messages are buffered: task ``orderonce.process_event``, JSON, one string
