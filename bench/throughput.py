@@ -100,6 +100,7 @@ class Options:
     batch_events: int = 20000
     batch_size: int = 100
     batch_interval_s: float = 0.02
+    buffered: int = 100  # (b''): orderonce worker --buffered N; 0 leaves it out
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
@@ -408,7 +409,10 @@ def orderonce_stream(
     opts: Options,
     seed: int,
     logs: Path,
+    buffered: int = 0,
 ) -> dict[str, Any]:
+    """(b) orderonce in default mode, one message per event; with ``buffered`` > 0, (b''):
+    the same messages consumed by ``orderonce worker --buffered N`` (worker/buffered.py)."""
     r = redis.Redis.from_url(redis_url)
     r.delete(QUEUE, _stash(QUEUE))
     defaults = Settings(queue=QUEUE)
@@ -425,7 +429,11 @@ def orderonce_stream(
         ORDERONCE_BROKER_URL=redis_url,
         ORDERONCE_QUEUE=QUEUE,
     )
-    workers = [WorkerProcess(f"oo{i}", env, logs / f"orderonce-{n}-{i}.log") for i in range(n)]
+    args = ["--buffered", str(buffered)] if buffered else []
+    kind = f"buffered{buffered}" if buffered else "orderonce"
+    workers = [
+        WorkerProcess(f"oo{i}", env, logs / f"{kind}-{n}-{i}.log", args=args) for i in range(n)
+    ]
     with _running(workers) as sampler:
         for p in drain.restocks:
             publisher.publish_raw(p.body)
@@ -866,6 +874,23 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
             "batch_over_a": _median([r["batch_over_a"] for r in at]),
             "batch_over_c": _median([r["batch_over_c"] for r in at]),
         }
+        if all("orderonce_buffered" in r for r in at):
+            summary[str(n)] |= {
+                "orderonce_buffered": {
+                    "events_per_s": med("orderonce_buffered", "events_per_s"),
+                    "events_per_s_range": spread("orderonce_buffered", "events_per_s"),
+                    "p50_ms": med("orderonce_buffered", "latency", "p50_ms"),
+                    "p99_ms": med("orderonce_buffered", "latency", "p99_ms"),
+                    "offered_per_s": med("orderonce_buffered", "latency", "offered_per_s"),
+                    "max_rss_mib": max(max(r["orderonce_buffered"]["rss_mib"]) for r in at),
+                    "verify_ok": all(r["orderonce_buffered"]["verify_ok"] for r in at),
+                    "redis_commands_per_event": med(
+                        "orderonce_buffered", "redis_commands_per_event", "total"
+                    ),
+                },
+                "buffered_over_a": _median([r["buffered_over_a"] for r in at]),
+                "buffered_over_c": _median([r["buffered_over_c"] for r in at]),
+            }
     first = summary[str(workers[0])]
     summary["scaling"] = {
         system: {
@@ -875,8 +900,10 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
             ("plain_celery", "events_per_s"),
             ("orderonce", "events_per_s"),
             ("orderonce_batch", "events_per_s"),
+            ("orderonce_buffered", "events_per_s"),
             ("db_ceiling", "commits_per_s"),
         )
+        if system in first
     }
     return summary
 
@@ -913,8 +940,20 @@ def run(opts: Options) -> dict[str, Any]:
                     c = db_ceiling(n, database_url, opts.ceiling_seconds)
                 with fresh_database(urls.database_url) as database_url:
                     batch = orderonce_batch(n, redis_url, database_url, opts, k, logs)
+                extra: dict[str, Any] = {}
+                if opts.buffered:
+                    with fresh_database(urls.database_url) as database_url:
+                        bb = orderonce_stream(
+                            n, redis_url, database_url, opts, k, logs, buffered=opts.buffered
+                        )
+                    extra = {
+                        "orderonce_buffered": bb,
+                        "buffered_over_a": round(bb["events_per_s"] / a["events_per_s"], 3),
+                        "buffered_over_c": round(bb["events_per_s"] / c["commits_per_s"], 3),
+                    }
                 runs.append(
-                    {
+                    extra
+                    | {
                         "run": k,
                         "workers": n,
                         "plain_celery": a,
@@ -932,7 +971,13 @@ def run(opts: Options) -> dict[str, Any]:
                     f" orderonce {b['events_per_s']:.0f}/s (verify ok: {b['verify_ok']}),"
                     f" database {c['commits_per_s']:.0f} commits/s,"
                     f" batch mode {batch['events_per_s']:.0f}/s (verify ok: {batch['verify_ok']})"
-                    f"  [{time.monotonic() - begun:.0f} s]",
+                    + (
+                        f", buffered {extra['orderonce_buffered']['events_per_s']:.0f}/s"
+                        f" (verify ok: {extra['orderonce_buffered']['verify_ok']})"
+                        if extra
+                        else ""
+                    )
+                    + f"  [{time.monotonic() - begun:.0f} s]",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -951,6 +996,7 @@ def run(opts: Options) -> dict[str, Any]:
             "batch_events": opts.batch_events,
             "batch_size": opts.batch_size,
             "batch_interval_s": opts.batch_interval_s,
+            "buffered": opts.buffered,
         },
         "definitions": {
             "events_per_s": "messages per second while draining a pre-filled queue (copies"
@@ -961,6 +1007,10 @@ def run(opts: Options) -> dict[str, Any]:
             "orderonce_batch": "batch mode: the same kind of stream, batch_size events per"
             " message; latency from each event's due time (the producer sends what came due"
             " every batch_interval_s) to its commit",
+            "orderonce_buffered": "(b'') the same stream and messages as (b), consumed by"
+            " `orderonce worker --buffered N`: up to N messages (or what arrived within"
+            " buffered_wait_ms) per batch-protocol transaction; latency as (b), at half its own"
+            " drain rate",
             "db_ceiling": "N psycopg processes running orderonce's transaction shape with no"
             " Celery, Redis or parsing: commits/s, and the time of one transaction",
             "rss_mib": "largest VmRSS of each worker's process tree, sampled every 0.2 s",
@@ -988,11 +1038,14 @@ def _print(results: dict[str, Any]) -> None:
         "plain_celery": "(a) plain Celery, no-op task",
         "orderonce": "(b) orderonce, demo stream",
         "orderonce_batch": "(b') orderonce batch mode",
+        "orderonce_buffered": "(b'') buffered default mode",
         "db_ceiling": "(c) database ceiling (commits/s)",
     }
     for n in o["workers"]:
         row = summary[str(n)]
         for system, name in names.items():
+            if system not in row:
+                continue
             s = row[system]
             rate = s.get("events_per_s", s.get("commits_per_s"))
             low, high = s.get("events_per_s_range", s.get("commits_per_s_range"))
@@ -1005,9 +1058,16 @@ def _print(results: dict[str, Any]) -> None:
         print(
             f"  {'':7}  b/a {row['b_over_a']:.2f}   b/c {row['b_over_c']:.2f}"
             f"   b'/a {row['batch_over_a']:.2f}   b'/c {row['batch_over_c']:.2f}"
+            + (
+                f"   b''/a {row['buffered_over_a']:.2f}   b''/c {row['buffered_over_c']:.2f}"
+                if "buffered_over_a" in row
+                else ""
+            )
         )
     scaling = summary["scaling"]
     for system, name in names.items():
+        if system not in scaling:
+            continue
         steps = ", ".join(f"{n}: {x:.2f}x" for n, x in scaling[system].items())
         print(f"  scaling {name.split(',')[0]}: {steps}")
     print(
@@ -1077,6 +1137,12 @@ def main() -> None:
         default=Options.batch_interval_s * 1000,
         help="batch mode's latency phase: the producer sends what came due this often",
     )
+    parser.add_argument(
+        "--buffered",
+        type=int,
+        default=Options.buffered,
+        help="(b''): the default-mode stream consumed with orderonce worker --buffered N (0: off)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"))
     args = parser.parse_args()
     opts = Options(
@@ -1088,6 +1154,7 @@ def main() -> None:
         args.batch_events,
         args.batch_size,
         args.batch_interval_ms / 1000,
+        args.buffered,
     )
     # A Ctrl-C should still stop the workers and drop the database: make SIGTERM one too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -22,6 +22,12 @@ TASK_NAME = "orderonce.process_event"
 # worker/exactly_once_batch.py). Consumption is unchanged: one message at a time, prefetch 1,
 # acked after its commit, so none of the settings below needs to change for it.
 BATCH_TASK_NAME = "orderonce.process_batch"
+# Buffered consumption (settings.buffered = N > 0, worker/buffered.py) is the one exception to
+# prefetch 1: the worker reserves up to N single-event messages, applies them in one
+# transaction and acks each only after that commit. It stays safe for the reason prefetch 1 is
+# safe with late acks: a reserved message is unacked, so a worker that dies holding it gives
+# it back (visibility timeout, or at once on a warm shutdown), and nothing is acked before its
+# outcome is durable.
 
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
@@ -130,7 +136,7 @@ def make_celery(broker_url: str, settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_timeout=False,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=max(1, settings.buffered),
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
         broker_connection_retry_on_startup=True,
@@ -162,8 +168,12 @@ def check_celery_safety(conf: Any, settings: Settings) -> None:
         problems.append("task_acks_late must be on, or a crash loses the message")
     if not conf.task_reject_on_worker_lost:
         problems.append("task_reject_on_worker_lost must be on with late acks")
-    if conf.worker_prefetch_multiplier != 1:
-        problems.append("worker_prefetch_multiplier must be 1")
+    if conf.worker_prefetch_multiplier != max(1, settings.buffered):
+        # Buffered mode (--pool solo, one process) reserves exactly the messages its buffer
+        # holds; any other prefetch would reserve messages that no code path is working on.
+        problems.append(
+            "worker_prefetch_multiplier must be 1 (or, in buffered mode, the buffer size)"
+        )
     options = conf.broker_transport_options or {}
     if is_amqp(str(conf.broker_url)):
         problems += _amqp_problems(conf, settings)

@@ -75,10 +75,31 @@ def worker(
             min=0,
         ),
     ] = None,
+    buffered: Annotated[
+        int | None,
+        typer.Option(
+            help="Buffered mode: apply up to N single-event messages per transaction "
+            "(needs --pool solo; default: ORDERONCE_BUFFERED, 0 = off).",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker that applies events exactly once."""
-    from orderonce import logs
+    import os
 
+    from orderonce import logs
+    from orderonce.config import settings
+
+    if buffered is not None:
+        # Before the Celery app is built: its prefetch is the buffer's size.
+        os.environ["ORDERONCE_BUFFERED"] = str(buffered)
+        settings.cache_clear()
+    if settings().buffered and (pool != "solo" or concurrency != 1):
+        console.print(
+            "[red]buffered mode applies events in the consumer's own process:[/] "
+            "run it with --pool solo --concurrency 1 (one worker process per core)"
+        )
+        raise typer.Exit(2)
     queue = _worker_queue(shard)
     if queue is not None:
         # One order's events in sequence: one message at a time, in one process.

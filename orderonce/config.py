@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     # flight on another worker, most often) are tried again this many times within the task,
     # a few tens of milliseconds apart, before they go to the single-event path's backoff.
     batch_too_early_retries: int = 3
+    # Buffered consumption (worker/buffered.py), off at 0: a worker (``--pool solo``) takes up
+    # to this many single-event messages at a time (its prefetch), or what arrived while it
+    # waited after the first, and applies them with the batch protocol in one transaction,
+    # acking each message after the commit. The wait is as long as the previous buffered
+    # transaction took (group commit: the slower the commits, the more each one carries), at
+    # least buffered_wait_ms and at most buffered_max_wait_ms.
+    buffered: int = 0
+    buffered_wait_ms: float = 5.0
+    buffered_max_wait_ms: float = 50.0
 
     # The relay sends outbox rows that have no terminal record this long after their last
     # send (backing off up to 8x on each further send), checking every relay_interval_s.
@@ -107,6 +116,10 @@ def check_safety(s: Settings) -> None:
             "visibility_timeout_s must exceed task_time_limit_s plus the longest retry "
             "countdown, or the broker redelivers messages that a live worker still holds"
         )
+    if not 0 <= s.buffered <= s.batch_max_events:
+        problems.append("buffered must be between 0 (off) and batch_max_events")
+    if not 0 <= s.buffered_wait_ms <= s.buffered_max_wait_ms <= 1000:
+        problems.append("buffered_wait_ms must be between 0 and buffered_max_wait_ms (<= 1000)")
     if s.idle_in_transaction_timeout_ms / 1000 >= s.lock_ttl_ms / 1000:
         problems.append("idle_in_transaction_timeout_ms must be shorter than lock_ttl_ms")
     if s.delivery_limit < 1:

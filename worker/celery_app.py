@@ -342,8 +342,18 @@ def _handle_batch(
 def _apply_batch(
     task: Task, bodies: list[bytes]
 ) -> tuple[list[exactly_once.Outcome], list[exactly_once_batch.HandedBack]]:
+    return apply_batch(bodies, message_id=task.request.id)
+
+
+def apply_batch(
+    bodies: list[bytes],
+    *,
+    message_id: str | None = None,
+    message_ids: list[str | None] | None = None,
+) -> tuple[list[exactly_once.Outcome], list[exactly_once_batch.HandedBack]]:
     """The batch protocol, then, for the events that were too early, a few quick tries more:
-    what they wait for is usually a batch committing on another worker right now."""
+    what they wait for is usually a batch committing on another worker right now. Shared by
+    batch messages (``message_id``) and buffered consumption (``message_ids``, one per body)."""
     rt = runtime()
     positions = list(range(len(bodies)))
     outcomes: list[exactly_once.Outcome] = []
@@ -356,8 +366,9 @@ def _apply_batch(
             engine=rt.engine,
             locks=rt.batch_locks,
             config=rt.config,
-            message_id=task.request.id,
+            message_id=message_id,
             positions=positions,
+            message_ids=None if message_ids is None else [message_ids[p] for p in positions],
         )
         outcomes += result.outcomes
         # An order's too-early events are all too early together (worker.batch_effects), so

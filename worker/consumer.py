@@ -9,6 +9,10 @@ Only JSON gets past the door. kombu trusts ``application/data`` whatever the acc
 and such a message with task headers makes Celery's consumer raise and the whole worker stop
 ("Unrecoverable error"): one hostile publish would take a worker down (found by the
 property-based test in tests/integration/test_fuzz_worker.py).
+
+In buffered mode (``settings.buffered`` > 0) plain single-event messages are kept in a buffer
+and applied many per transaction (worker/buffered.py); every other message, and every
+buffered one that the batch protocol hands back, goes the way described here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 from vine import promise
 
+from orderonce.config import UnsafeSettings, settings
 from worker import dead_letters, metrics
+from worker.buffered import Buffer
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -39,21 +45,64 @@ ACCEPTED_CONTENT_TYPES = frozenset({"application/json"})
 
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no type hints
+    buffer: Buffer | None = None
+
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:
         handle: Callable[[Any], None] = super().create_task_handler(promise)
 
-        def on_task_received(message: Any) -> None:
-            if message.content_type not in ACCEPTED_CONTENT_TYPES:
-                if self._keep(message, "content_type_refused", None):
-                    message.ack_log_error(log, self.connection_errors)
-                return
+        def single(message: Any) -> None:
             try:
                 handle(message)
             except Exception as exc:  # never let one message stop the consumer
                 if self._keep(message, "invalid_message", exc):
                     message.ack_log_error(log, self.connection_errors)
 
+        self.buffer = self._make_buffer(single)
+        buffer = self.buffer
+
+        def on_task_received(message: Any) -> None:
+            if message.content_type not in ACCEPTED_CONTENT_TYPES:
+                if self._keep(message, "content_type_refused", None):
+                    message.ack_log_error(log, self.connection_errors)
+                return
+            if buffer is not None and buffer.offer(message):
+                return
+            single(message)
+
         return on_task_received
+
+    def _make_buffer(self, single: Callable[[Any], None]) -> Buffer | None:
+        s = settings()
+        if not s.buffered:
+            return None
+        if self.pool is not None and type(self.pool).__module__ != "celery.concurrency.solo":
+            raise UnsafeSettings("buffered mode needs --pool solo (one process per worker)")
+        hub = self.hub
+        return Buffer(
+            s.buffered,
+            s.buffered_wait_ms / 1000,
+            s.buffered_max_wait_ms / 1000,
+            single,
+            hub.call_later if hub is not None else None,
+            tuple(self.connection_errors),
+        )
+
+    def stop(self) -> None:
+        # A warm shutdown: apply and ack what is buffered while the connection still works
+        # (otherwise it would come back as redelivered messages: safe, only slower).
+        if self.buffer is not None and len(self.buffer):
+            log.info("stopping: applying %d buffered messages first", len(self.buffer))
+            self.buffer.flush()
+        super().stop()
+
+    def on_close(self) -> None:
+        # The connection is gone: a buffered message cannot be acked on a new channel, and
+        # the broker gives it back (restored as unacked). Forget it, unapplied.
+        if self.buffer is not None:
+            dropped = self.buffer.discard()
+            if dropped:
+                log.warning("connection lost: %d buffered messages left to redelivery", dropped)
+        super().on_close()
 
     def _keep(self, message: Any, reason: str, exc: BaseException | None) -> bool:
         """Record the message as a dead letter; False if that failed (then it is requeued)."""

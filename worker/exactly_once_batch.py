@@ -131,11 +131,14 @@ def process_batch(
     config: Config,
     message_id: str | None = None,
     positions: list[int] | None = None,
+    message_ids: list[str | None] | None = None,
 ) -> BatchOutcome:
     """Apply a batch exactly once per event. The event at position ``p`` of the message gets
     the message id ``message_id/p``, so a redelivered batch's copies are told from producers'
     copies; ``positions`` gives the bodies' positions when they are a part of the message
-    tried again (default: 0, 1, 2, ...). Raises a database error once ``config.db_attempts``
+    tried again (default: 0, 1, 2, ...). Buffered consumption (worker/buffered.py) passes
+    ``message_ids`` instead: each body's own broker message id (its Celery task id), as the
+    single path records it. Raises a database error once ``config.db_attempts``
     transient failures are used up (nothing of the batch committed)."""
     started = time.perf_counter()
     entries: list[_Entry] = []
@@ -146,7 +149,10 @@ def process_batch(
         if isinstance(admitted, Refusal):
             refused.append((body, admitted))
         else:
-            mid = f"{message_id}/{position}" if message_id is not None else None
+            if message_ids is not None:
+                mid = message_ids[i]
+            else:
+                mid = f"{message_id}/{position}" if message_id is not None else None
             entries.append(_Entry(position, body, admitted, payload_hash(admitted), mid))
     joined = b"\n".join(bodies)  # failpoints match a text anywhere in the batch
     failpoint("before_lock", joined)

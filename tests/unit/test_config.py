@@ -205,3 +205,38 @@ def test_check_celery_safety_checks_the_lock_ttl_of_the_settings_it_is_given() -
     short_lock = Settings.model_construct(lock_ttl_ms=30_000)
     with pytest.raises(UnsafeSettings, match="lock TTL must exceed"):
         check_celery_safety(app.conf, short_lock)
+
+
+# --- buffered mode ---------------------------------------------------------------------------
+
+
+def test_buffered_mode_prefetches_exactly_the_buffer() -> None:
+    s = Settings(buffered=50)
+    app = _app(s)
+    check_celery_safety(app.conf, s)  # does not raise
+    assert app.conf.worker_prefetch_multiplier == 50
+    assert app.conf.task_acks_late is True
+
+
+@pytest.mark.parametrize(("buffered", "prefetch"), [(0, 50), (50, 1), (50, 100)])
+def test_prefetch_other_than_the_buffer_is_refused(buffered: int, prefetch: int) -> None:
+    s = Settings(buffered=buffered)
+    app = _app(s)
+    app.conf.worker_prefetch_multiplier = prefetch
+    with pytest.raises(UnsafeSettings, match="prefetch"):
+        check_celery_safety(app.conf, s)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"buffered": -1},
+        {"buffered": 1001},
+        {"buffered_wait_ms": -1},
+        {"buffered_wait_ms": 51},
+        {"buffered_max_wait_ms": 1001},
+    ],
+)
+def test_buffered_settings_out_of_range_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(UnsafeSettings, match="buffered"):
+        check_safety(Settings(**changes))
