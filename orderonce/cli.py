@@ -218,6 +218,9 @@ def chaos(
         str | None,
         typer.Option(help="A RabbitMQ URL to use as the broker (default: a private Redis)."),
     ] = None,
+    buffered: Annotated[
+        int, typer.Option(help="Run the workers in buffered mode with this buffer (0: off).")
+    ] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="Keep servers' data, logs and the publish log here.")
@@ -241,6 +244,7 @@ def chaos(
             workdir=workdir,
             batch=batch,
             broker_url=broker_url,
+            buffered=buffered,
         )
     )
     if out is not None:

@@ -47,6 +47,7 @@ class Cluster:
         env: dict[str, str],
         logs: Path,
         pools: Sequence[str],
+        worker_args: Sequence[str],
         entry: Sequence[str],
         with_relay: bool,
         lock_ttl_s: float,
@@ -56,7 +57,15 @@ class Cluster:
         self.broker_url, self.env, self.lock_ttl_s, self.rng = broker_url, env, lock_ttl_s, rng
         self.tally = Tally()
         self.workers = [
-            WorkerProcess(f"chaos{n}", env, logs / f"worker{n}.log", pool, 2, entry=entry)
+            WorkerProcess(
+                f"chaos{n}",
+                env,
+                logs / f"worker{n}.log",
+                pool,
+                1 if pool == "solo" else 2,
+                worker_args,
+                entry,
+            )
             for n, pool in enumerate(pools)
         ]
         self.relay = RelayProcess("relay", env, logs / "relay.log") if with_relay else None

@@ -96,6 +96,7 @@ class ChaosOptions:
     backlog: int = 300  # the publisher stays at most this many events ahead of the workers
     batch: bool = False  # publish each chunk of 20 as one batch message (batch mode)
     broker_url: str | None = None  # a RabbitMQ URL; default: the private Redis
+    buffered: int = 0  # workers in buffered mode with this buffer size (0: off)
     workdir: Path | None = None
     keep_workdir: bool = False
 
@@ -195,9 +196,9 @@ class _Run:
             broker_url=self.broker_url,
             env=self.env,
             logs=logs,
-            pools=["prefork", "prefork", "solo"]
-            if self.opts.profile == "full"
-            else ["prefork"] * 2,
+            # Buffered mode runs in the consumer's own process: solo workers only.
+            pools=["solo"] * 3 if self.opts.buffered else POOLS[self.opts.profile],
+            worker_args=[f"--buffered={self.opts.buffered}"] if self.opts.buffered else [],
             entry=entry,
             with_relay=self.opts.profile == "full",
             lock_ttl_s=self.lock_ttl_s,
@@ -389,6 +390,7 @@ class _Run:
             "variant": self.opts.variant,
             "profile": self.opts.profile,
             "batch_mode": self.opts.batch,
+            "buffered": self.opts.buffered,
             "broker": "rabbitmq" if is_amqp(self.broker_url) else "redis",
             "seed": self.opts.seed,
             "events_published": len({a.identity or a.sha256 for a in attempts}),
