@@ -32,7 +32,7 @@ from schemas.events import (
     OrderCreatedEvent,
     OrderEvent,
 )
-from worker import domain, submissions
+from worker import domain, orders, stock, submissions
 from worker.results import Applied, Duplicate, Rejected, Result
 
 
@@ -336,16 +336,7 @@ class BatchEffects:
             "duplicate_of": hold_of,
         }
         self._orders[event.order_id] = order
-        self._lines += [
-            {
-                "order_id": event.order_id,
-                "line_no": n,
-                "sku": i.sku,
-                "quantity": i.quantity,
-                "unit_price": i.unit_price,
-            }
-            for n, i in enumerate(data.items, start=1)
-        ]
+        self._lines += orders.line_rows(event)
         if hold_of:
             return result
         missing = domain.missing_stock(wanted, self._stock)
@@ -400,25 +391,13 @@ class BatchEffects:
     def _move(
         self, event: CloudEvent, order_id: str | None, kind: str, quantities: dict[str, int]
     ) -> None:
-        from worker.stock import MOVES  # one table of signs for both paths
-
-        on_hand_sign, reserved_sign = MOVES[kind]
+        on_hand_sign, reserved_sign = stock.MOVES[kind]  # one table of signs for both paths
         for sku, qty in sorted(quantities.items()):
             before = self._stock[sku]
             self._stock[sku] = domain.Stock(
                 before.on_hand + on_hand_sign * qty, before.reserved + reserved_sign * qty
             )
-            self._movements.append(
-                {
-                    "source": event.source,
-                    "event_id": event.id,
-                    "sku": sku,
-                    "kind": kind,
-                    "order_id": order_id,
-                    "on_hand_delta": on_hand_sign * qty,
-                    "reserved_delta": reserved_sign * qty,
-                }
-            )
+            self._movements.append(stock.movement_row(event, kind, sku, qty, order_id))
 
     # --- write back ----------------------------------------------------------------------
 

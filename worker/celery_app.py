@@ -124,20 +124,21 @@ def process_event(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     except (Retry, Reject):
         raise
     except Exception as exc:
-        # The last line. Whatever failed (a database that stayed down while writing a dead
-        # letter, a bug), the message goes back to the broker rather than being acked without
-        # an outcome. The pause keeps a persistent failure from spinning.
-        if is_transient(exc):
-            raise _later(
-                self,
-                "database",
-                _backoff(
-                    0.5, _attempts(self).get("database", 0), runtime().settings.retry_backoff_max_s
-                ),
-            ) from exc
-        log.exception("unexpected failure; the message goes back to the queue")
-        time.sleep(1.0)
-        raise Reject(str(exc), requeue=True) from exc
+        raise _back_to_the_broker(self, exc, "message") from exc
+
+
+def _back_to_the_broker(task: Task, exc: Exception, what: str) -> Retry | Reject:
+    """The last line. Whatever failed (a database that stayed down while writing a dead
+    letter, a bug), the message goes back to the broker rather than being acked without an
+    outcome. The pause keeps a persistent failure from spinning."""
+    if is_transient(exc):
+        attempt = _attempts(task).get("database", 0)
+        return _later(
+            task, "database", _backoff(0.5, attempt, runtime().settings.retry_backoff_max_s)
+        )
+    log.exception("unexpected failure; the %s goes back to the queue", what)
+    time.sleep(1.0)
+    return Reject(str(exc), requeue=True)
 
 
 def _handle(
@@ -264,17 +265,7 @@ def process_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     except (Retry, Reject):
         raise
     except Exception as exc:
-        if is_transient(exc):
-            raise _later(
-                self,
-                "database",
-                _backoff(
-                    0.5, _attempts(self).get("database", 0), runtime().settings.retry_backoff_max_s
-                ),
-            ) from exc
-        log.exception("unexpected failure; the batch goes back to the queue")
-        time.sleep(1.0)
-        raise Reject(str(exc), requeue=True) from exc
+        raise _back_to_the_broker(self, exc, "batch") from exc
 
 
 def _handle_batch(

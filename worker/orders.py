@@ -127,19 +127,7 @@ def _insert_order(
     ).first()
     if inserted is None:
         return False
-    conn.execute(
-        order_lines.insert(),
-        [
-            {
-                "order_id": event.order_id,
-                "line_no": n,
-                "sku": i.sku,
-                "quantity": i.quantity,
-                "unit_price": i.unit_price,
-            }
-            for n, i in enumerate(data.items, start=1)
-        ],
-    )
+    conn.execute(order_lines.insert(), line_rows(event))
     return True
 
 
@@ -285,3 +273,17 @@ def _apply_deferred(conn: Connection, order_id: str) -> None:
             )
             progress = True
             break  # the order changed: decide the rest against its new state
+
+
+def line_rows(event: OrderCreatedEvent) -> list[dict[str, object]]:
+    """The order_lines rows of a new order (one path and batch mode alike)."""
+    return [
+        {
+            "order_id": event.order_id,
+            "line_no": n,
+            "sku": i.sku,
+            "quantity": i.quantity,
+            "unit_price": i.unit_price,
+        }
+        for n, i in enumerate(event.data.items, start=1)
+    ]

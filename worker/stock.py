@@ -75,19 +75,23 @@ def _record(
     quantities: Mapping[str, int],
     order_id: str | None,
 ) -> None:
-    on_hand_sign, reserved_sign = MOVES[kind]
     conn.execute(
         inventory_movements.insert(),
-        [
-            {
-                "source": event.source,
-                "event_id": event.id,
-                "sku": sku,
-                "kind": kind,
-                "order_id": order_id,
-                "on_hand_delta": on_hand_sign * qty,
-                "reserved_delta": reserved_sign * qty,
-            }
-            for sku, qty in quantities.items()
-        ],
+        [movement_row(event, kind, sku, qty, order_id) for sku, qty in quantities.items()],
     )
+
+
+def movement_row(
+    event: CloudEvent, kind: str, sku: str, qty: int, order_id: str | None
+) -> dict[str, object]:
+    """The inventory_movements row of one SKU's move (one path and batch mode alike)."""
+    on_hand_sign, reserved_sign = MOVES[kind]
+    return {
+        "source": event.source,
+        "event_id": event.id,
+        "sku": sku,
+        "kind": kind,
+        "order_id": order_id,
+        "on_hand_delta": on_hand_sign * qty,
+        "reserved_delta": reserved_sign * qty,
+    }

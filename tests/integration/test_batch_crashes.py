@@ -6,27 +6,17 @@ contains its text, so the worker that takes over goes on normally.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 
-from orderonce.config import Settings
 from producers import Publisher
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
-from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
-
-
-@pytest.fixture
-def publisher(servers: ServerUrls, settings: Settings) -> Iterator[Publisher]:
-    pub = Publisher(servers.redis_url, settings)
-    yield pub
-    pub.close()
 
 
 def _count(db: Engine, sql: str) -> int:

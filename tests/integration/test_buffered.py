@@ -9,10 +9,8 @@ exactly-once checks trivially).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 from sqlalchemy import Engine, text
 
@@ -28,13 +26,6 @@ from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
 BUFFERED = ["--buffered", "25"]
-
-
-@pytest.fixture
-def publisher(servers: ServerUrls, settings: Settings) -> Iterator[Publisher]:
-    pub = Publisher(servers.redis_url, settings)
-    yield pub
-    pub.close()
 
 
 def _count(db: Engine, sql: str) -> int:

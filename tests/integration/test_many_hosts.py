@@ -13,18 +13,15 @@ import json
 import random
 import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 
-from orderonce.config import Settings
 from orderonce.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
-from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
@@ -33,13 +30,6 @@ pytestmark = pytest.mark.chaos
 ORDERS = 20
 RESTOCKS = 150
 PRODUCER_COPY_RATE = 0.25
-
-
-@pytest.fixture
-def publisher(servers: ServerUrls, settings: Settings) -> Iterator[Publisher]:
-    pub = Publisher(servers.redis_url, settings)
-    yield pub
-    pub.close()
 
 
 def _count(db: Engine, sql: str) -> int:
