@@ -189,15 +189,7 @@ class Buffer:
         self._ack([item.message for p, item in enumerate(items) if p not in returned])
         elapsed = time.perf_counter() - started
         for outcome in outcomes:
-            metrics.observe_event(
-                outcome.kind,
-                outcome.reason,
-                outcome.event_type,
-                elapsed,
-                metrics.lag_since(outcome.event_time),
-            )
-            if outcome.kind == "dead_lettered":
-                metrics.observe_dead_letter(outcome.reason or "other")
+            metrics.observe_outcome(outcome, elapsed)
         # Handed back: each message, still unacked, runs the default mode's task, in order.
         for h in back:
             self._single(items[h.position].message)

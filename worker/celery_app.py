@@ -201,15 +201,7 @@ def _handle(
             )
         log.exception("event failed, will retry (%d of %d)", tried, s.poison_max_retries)
         raise _later(task, "error", _backoff(1.0, tried, s.retry_backoff_max_s)) from exc
-    metrics.observe_event(
-        outcome.kind,
-        outcome.reason,
-        outcome.event_type,
-        time.perf_counter() - started,
-        metrics.lag_since(outcome.event_time),
-    )
-    if outcome.kind == "dead_lettered":
-        metrics.observe_dead_letter(outcome.reason or "other")
+    metrics.observe_outcome(outcome, time.perf_counter() - started)
     return {"outcome": outcome.kind, "reason": outcome.reason, "event_id": outcome.event_id}
 
 
@@ -313,15 +305,7 @@ def _handle_batch(
             _hand_to_single_path(back.body)
     elapsed = time.perf_counter() - started
     for outcome in outcomes:
-        metrics.observe_event(
-            outcome.kind,
-            outcome.reason,
-            outcome.event_type,
-            elapsed,
-            metrics.lag_since(outcome.event_time),
-        )
-        if outcome.kind == "dead_lettered":
-            metrics.observe_dead_letter(outcome.reason or "other")
+        metrics.observe_outcome(outcome, elapsed)
     return {
         "outcome": "batch",
         "events": len(bodies),

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from sqlalchemy import Engine
 
+    from worker.exactly_once import Outcome
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -214,6 +216,19 @@ def lag_since(event_time: datetime | None) -> float | None:
 
 
 @_never_raises
+def observe_outcome(outcome: Outcome, elapsed_s: float) -> None:
+    """An event's outcome as the task (or the buffer) recorded it."""
+    observe_event(
+        outcome.kind,
+        outcome.reason,
+        outcome.event_type,
+        elapsed_s,
+        lag_since(outcome.event_time),
+    )
+    if outcome.kind == "dead_lettered":
+        observe_dead_letter(outcome.reason or "other")
+
+
 def observe_lock_busy() -> None:
     m = _get()
     if m is not None:
