@@ -229,11 +229,19 @@ def chaos(
 ) -> None:
     """Try to break exactly-once: real workers, private PostgreSQL and Redis, seeded faults
     (kills, pauses, restarts, lock wipes, copies, hostile input); exit 1 unless all checks hold."""
+    import signal
+
     from orderonce.chaos.runner import ChaosOptions, run
 
     if profile not in ("full", "control"):
         console.print("[red]--profile must be full or control[/]")
         raise typer.Exit(2)
+
+    def interrupted(signum: int, _frame: object) -> None:
+        # Unwind through the harness's cleanup: its workers and servers must not outlive it.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
     report = run(
         ChaosOptions(
             events=events,
