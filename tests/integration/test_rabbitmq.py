@@ -35,15 +35,16 @@ def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
     db: Engine, broker: Broker, tmp_path: object
 ) -> None:
     # The application's own poison count is set out of reach, so only RabbitMQ's delivery
-    # limit can stop this message: three deliveries, each ending its worker, then the
-    # dead-letter exchange, then a row in dead_letters.
+    # limit can stop this message: three deliveries, each ending its worker before the task
+    # takes the lock, then the dead-letter exchange, then a row in dead_letters. (Killed
+    # *holding* the lock, the next delivery finds it busy and is retried as a new message,
+    # which RabbitMQ counts from zero again; the application's own count, which follows the
+    # task id across retries, stops that one: test_bad_input's poison tests, on both brokers.)
     limited = broker.with_env(ORDERONCE_DELIVERY_LIMIT="2", ORDERONCE_POISON_MAX_RETRIES="1000")
     workers = WorkerFactory(limited.env, tmp_path)  # type: ignore[arg-type]
     publisher = Publisher(limited.url, limited.settings)
     try:
-        workers.start(
-            pool="prefork", concurrency=1, ORDERONCE_FAILPOINTS="before_commit=kill~SKU-X"
-        )
+        workers.start(pool="prefork", concurrency=1, ORDERONCE_FAILPOINTS="before_lock=kill~SKU-X")
         poison = events.restock("SKU-X", 1)
         publisher.publish(poison)
         publisher.publish(events.restock("SKU-FINE", 1))
