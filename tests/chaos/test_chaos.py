@@ -76,11 +76,3 @@ def test_on_rabbitmq_the_same_faults_lose_and_duplicate_nothing(tmp_path: Path) 
         )
     assert report["broker"] == "rabbitmq"
     assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
-
-
-def test_buffered_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    report = run(
-        ChaosOptions(events=1000, seed=14, buffered=50, drain_timeout_s=240, workdir=tmp_path)
-    )
-    assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
-    assert report["sigkills"] > 0  # type: ignore[operator]
