@@ -9,25 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from producers import Publisher
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
+from tests.db import assert_verified, scalar
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
-
-
-def _count(db: Engine, sql: str) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql)).scalar_one() or 0)
-
-
-def _assert_verified(db: Engine) -> None:
-    with db.connect() as conn:
-        failed = [c for c in reports.verify(conn) if not c.ok]
-    assert not failed, failed
 
 
 def _failpoint(tmp_path: Path, spec: str) -> dict[str, str]:
@@ -56,15 +45,15 @@ def test_batch_killed_mid_commit_rolls_back_then_each_event_applies_once(
     wait_until(lambda: _fired(tmp_path, "before_commit"), 30, "the kill before commit")
     # Rolled back: no trace of any event of the batch. The requeued batch finds the dead
     # holder's locks and hands its events to the single path, which waits them out.
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     wait_until(
-        lambda: _count(db, "SELECT count(*) FROM processed_messages") == len(batch),
+        lambda: scalar(db, "SELECT count(*) FROM processed_messages") == len(batch),
         60,
         "every event of the requeued batch to apply",
     )
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(batch)
-    _assert_verified(db)
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(batch)
+    assert_verified(db)
 
 
 def test_batch_killed_after_commit_is_redelivered_as_duplicates(
@@ -77,14 +66,14 @@ def test_batch_killed_after_commit_is_redelivered_as_duplicates(
     wait_until(lambda: worker.proc.poll() is not None, 10, "the worker to die")
     workers.start(pool="solo")  # the batch comes back after the visibility timeout
     wait_until(
-        lambda: _count(db, "SELECT sum(duplicates) FROM processed_messages") >= len(batch),
+        lambda: scalar(db, "SELECT sum(duplicates) FROM processed_messages") >= len(batch),
         60,
         "the redelivered batch to be recognised as duplicates",
     )
     # The same broker message came back: each event's copy is a redelivery.
-    assert _count(db, "SELECT sum(redeliveries) FROM processed_messages") >= len(batch)
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
-    _assert_verified(db)
+    assert scalar(db, "SELECT sum(redeliveries) FROM processed_messages") >= len(batch)
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
+    assert_verified(db)
 
 
 @pytest.mark.parametrize("redis_locks", [True, False], ids=["redis-locks", "database-alone"])
@@ -113,15 +102,15 @@ def test_a_batch_with_duplicates_of_another_in_flight_batch(
     unique = len(first) + 10
     wait_until(
         lambda: (
-            _count(db, "SELECT count(*) FROM processed_messages") == unique
-            and _count(db, "SELECT sum(duplicates) FROM processed_messages") == len(shared)
+            scalar(db, "SELECT count(*) FROM processed_messages") == unique
+            and scalar(db, "SELECT sum(duplicates) FROM processed_messages") == len(shared)
         ),
         60,
         "both batches to settle, the copies as duplicates",
     )
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == unique
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == unique
-    _assert_verified(db)
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == unique
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == unique
+    assert_verified(db)
 
 
 def test_one_bad_event_in_a_batch_is_dead_lettered_and_the_rest_apply(
@@ -137,13 +126,13 @@ def test_one_bad_event_in_a_batch_is_dead_lettered_and_the_rest_apply(
 
     wait_until(
         lambda: (
-            _count(db, "SELECT count(*) FROM processed_messages") == len(good)
-            and _count(db, "SELECT count(*) FROM dead_letters") == 2
+            scalar(db, "SELECT count(*) FROM processed_messages") == len(good)
+            and scalar(db, "SELECT count(*) FROM dead_letters") == 2
         ),
         30,
         "the good events to apply and the bad ones to be dead-lettered",
     )
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(good)
-    assert _count(db, "SELECT count(*) FROM orders") == 0
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(good)
+    assert scalar(db, "SELECT count(*) FROM orders") == 0
     assert worker.alive()
-    _assert_verified(db)
+    assert_verified(db)

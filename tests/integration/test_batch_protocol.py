@@ -19,8 +19,9 @@ from orderonce.demo_stream import build_stream
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
+from tests.db import assert_verified
 from tests.servers import ServerUrls
-from worker import exactly_once, exactly_once_batch, reports
+from worker import exactly_once, exactly_once_batch
 from worker.errors import LockBusy, NotYetApplicable
 from worker.locks import BatchLocks, EventLocks, lock_client, lock_name
 
@@ -103,12 +104,6 @@ def _state(engine: Engine, sources_prefix: str) -> dict[str, object]:
         }
 
 
-def _assert_verified(engine: Engine) -> None:
-    with engine.connect() as conn:
-        failed = [c for c in reports.verify(conn) if not c.ok]
-    assert not failed, failed
-
-
 def test_a_batch_ends_as_the_same_events_one_by_one(
     db: Engine, locks: EventLocks, batch_locks: BatchLocks
 ) -> None:
@@ -119,7 +114,7 @@ def test_a_batch_ends_as_the_same_events_one_by_one(
         exactly_once.process(p.body.encode(), engine=db, locks=locks)
     _single_until_done([p.body.encode() for p in stream.publications], db, locks)
     one_by_one = _state(db, stream.sources_prefix)
-    _assert_verified(db)
+    assert_verified(db)
     with db.begin() as conn:
         conn.execute(
             text(
@@ -139,7 +134,7 @@ def test_a_batch_ends_as_the_same_events_one_by_one(
     _single_until_done(handed_back, db, locks)
 
     assert _state(db, stream.sources_prefix) == one_by_one
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_one_bad_event_is_dead_lettered_and_the_rest_apply(
@@ -153,7 +148,7 @@ def test_one_bad_event_is_dead_lettered_and_the_rest_apply(
     assert _scalar(db, "SELECT count(*) FROM processed_messages") == 3
     assert _scalar(db, "SELECT reason FROM dead_letters") == "malformed_json"
     assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 15
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_copies_inside_a_batch_take_effect_once(db: Engine, batch_locks: BatchLocks) -> None:
@@ -169,7 +164,7 @@ def test_copies_inside_a_batch_take_effect_once(db: Engine, batch_locks: BatchLo
     }
     assert _scalar(db, "SELECT on_hand FROM inventory") == 7
     assert _scalar(db, "SELECT duplicates FROM processed_messages") == 3
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_a_redelivered_batch_is_all_duplicates(db: Engine, batch_locks: BatchLocks) -> None:
@@ -219,7 +214,7 @@ def test_overlapping_concurrent_batches_apply_each_event_once(
     assert _scalar(db, "SELECT count(*) FROM processed_messages") == len(shared)
     assert _scalar(db, "SELECT sum(duplicates) FROM processed_messages") == 3 * len(shared)
     assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 3 * len(shared)
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_what_the_batch_cannot_apply_is_handed_back_without_a_trace(
@@ -237,7 +232,7 @@ def test_what_the_batch_cannot_apply_is_handed_back_without_a_trace(
     )
     _single_until_done([h.body for h in result.handed_back], db, locks)
     assert _scalar(db, "SELECT status FROM orders") == "paid"
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_an_event_whose_lock_is_held_is_handed_back(

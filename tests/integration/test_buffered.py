@@ -20,23 +20,12 @@ from orderonce.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
+from tests.db import assert_verified, scalar
 from tests.raw_broker import publish_raw_message, task_headers
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
 
 BUFFERED = ["--buffered", "25"]
-
-
-def _count(db: Engine, sql: str) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql)).scalar_one() or 0)
-
-
-def _assert_verified(db: Engine) -> None:
-    with db.connect() as conn:
-        failed = [c for c in reports.verify(conn) if not c.ok]
-    assert not failed, failed
 
 
 def _failpoint(tmp_path: Path, spec: str) -> dict[str, str]:
@@ -75,22 +64,22 @@ def test_the_demo_stream_applies_once_in_buffered_batches(
     total = len(stream.restocks) + len(stream.publications)
     wait_until(
         lambda: (
-            _count(db, "SELECT count(*) FROM processed_messages") == stream.unique_events
-            and _count(db, "SELECT count(*) FROM processed_messages")
-            + _count(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages")
+            scalar(db, "SELECT count(*) FROM processed_messages") == stream.unique_events
+            and scalar(db, "SELECT count(*) FROM processed_messages")
+            + scalar(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages")
             == total
         ),
         90,
         "every message of the stream to have its outcome",
     )
-    assert _count(db, "SELECT count(*) FROM dead_letters") == 0
+    assert scalar(db, "SELECT count(*) FROM dead_letters") == 0
     # Producer copies are counted, none taken for a redelivery (each copy is its own message).
-    assert _count(db, "SELECT sum(duplicates) FROM processed_messages") == stream.producer_retries
-    assert _count(db, "SELECT sum(redeliveries) FROM processed_messages") == 0
+    assert scalar(db, "SELECT sum(duplicates) FROM processed_messages") == stream.producer_retries
+    assert scalar(db, "SELECT sum(redeliveries) FROM processed_messages") == 0
     # Each event's processed row names its own broker message (the Celery task id).
-    assert _count(db, "SELECT count(*) FROM processed_messages WHERE message_id LIKE '%/%'") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages WHERE message_id LIKE '%/%'") == 0
     assert max(_batch_sizes(worker)) > 1
-    _assert_verified(db)
+    assert_verified(db)
     # Every message was acked (kombu's Redis transport keeps unacked ones in a hash).
     broker = redis.Redis.from_url(servers.redis_url)
     wait_until(lambda: broker.hlen("unacked") == 0, 10, "every message to be acked")
@@ -111,17 +100,17 @@ def test_a_buffered_batch_killed_mid_commit_is_redelivered_and_applied_once(
     wait_until(lambda: not worker.alive(), 10, "the worker to die")
     assert _batch_sizes(worker) == []  # the first buffered batch died before its log line
     # Rolled back: no trace of any event, every message unacked.
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     workers.start(args=BUFFERED)  # the messages come back after the visibility timeout
     wait_until(
-        lambda: _count(db, "SELECT count(*) FROM processed_messages") == len(batch),
+        lambda: scalar(db, "SELECT count(*) FROM processed_messages") == len(batch),
         60,
         "every event of the killed batch to apply",
     )
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(batch)
-    assert _count(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages") == 0
-    _assert_verified(db)
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(batch)
+    assert scalar(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages") == 0
+    assert_verified(db)
 
 
 def test_a_buffered_batch_killed_after_commit_is_redelivered_as_duplicates(
@@ -136,23 +125,23 @@ def test_a_buffered_batch_killed_after_commit_is_redelivered_as_duplicates(
     )
     wait_until(lambda: _fired(tmp_path, "after_commit"), 30, "the kill after commit")
     wait_until(lambda: not worker.alive(), 10, "the worker to die")
-    committed = _count(db, "SELECT count(*) FROM processed_messages")
+    committed = scalar(db, "SELECT count(*) FROM processed_messages")
     assert committed > 1  # a buffered batch of several events committed, none acked
     workers.start(args=BUFFERED)
     wait_until(
         lambda: (
-            _count(db, "SELECT count(*) FROM processed_messages") == len(batch)
-            and _count(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages")
+            scalar(db, "SELECT count(*) FROM processed_messages") == len(batch)
+            and scalar(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages")
             >= committed
         ),
         60,
         "the committed events to come back as duplicates and the rest to apply",
     )
     # The same broker messages came back: each copy is a redelivery, not a producer's retry.
-    assert _count(db, "SELECT sum(redeliveries) FROM processed_messages") >= committed
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(batch)
-    _assert_verified(db)
+    assert scalar(db, "SELECT sum(redeliveries) FROM processed_messages") >= committed
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(batch)
+    assert_verified(db)
 
 
 def test_bad_messages_among_buffered_ones_are_dead_lettered_and_the_rest_apply(
@@ -179,8 +168,8 @@ def test_bad_messages_among_buffered_ones_are_dead_lettered_and_the_rest_apply(
     worker = workers.start(args=BUFFERED)
     wait_until(
         lambda: (
-            _count(db, "SELECT count(*) FROM processed_messages") == len(good)
-            and _count(db, "SELECT count(*) FROM dead_letters") == 3
+            scalar(db, "SELECT count(*) FROM processed_messages") == len(good)
+            and scalar(db, "SELECT count(*) FROM dead_letters") == 3
         ),
         30,
         "the good events to apply and the bad messages to be dead-lettered",
@@ -190,11 +179,11 @@ def test_bad_messages_among_buffered_ones_are_dead_lettered_and_the_rest_apply(
     # Two dead-lettered in the buffered batch's transaction, one by Celery's usual path (as in
     # default mode: the reasons are the same).
     assert reasons == ["bad_schema", "invalid_message", "malformed_json"]
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(good)
-    assert _count(db, "SELECT count(*) FROM orders") == 0
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(good)
+    assert scalar(db, "SELECT count(*) FROM orders") == 0
     assert worker.alive()
     assert max(_batch_sizes(worker)) > 1
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_buffered_mode_refuses_prefork(workers: WorkerFactory) -> None:
@@ -216,11 +205,11 @@ def test_a_warm_shutdown_applies_and_acks_the_buffer_first(
         publisher.publish(e)
     broker = redis.Redis.from_url(servers.redis_url)
     wait_until(lambda: broker.hlen("unacked") == len(batch), 10, "the messages to be reserved")
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     worker.terminate()
     assert worker.proc.returncode == 0
     assert "stopping: applying 5 buffered messages first" in worker.text()
-    assert _count(db, "SELECT count(*) FROM processed_messages") == len(batch)
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == len(batch)
     assert broker.hlen("unacked") == 0
     broker.close()
-    _assert_verified(db)
+    assert_verified(db)

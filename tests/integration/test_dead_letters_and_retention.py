@@ -12,6 +12,7 @@ from orderonce.config import Settings
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
+from tests.db import scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, run_cli, wait_until
 from worker import dead_letters, exactly_once, reports, retention
@@ -24,17 +25,12 @@ def _json(worker_env: dict[str, str], *args: str, ok: bool = True) -> Any:
     return json.loads(_cli(worker_env, *args, "--json", ok=ok).stdout)
 
 
-def _count(db: Engine, sql: str, **params: object) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql), params).scalar_one())
-
-
 def _publish(worker_env: dict[str, str], *bodies: str) -> None:
     _cli(worker_env, "publish", "-", stdin="\n".join(bodies) + "\n")
 
 
 def _wait_for(db: Engine, sql: str, expected: int, what: str) -> None:
-    wait_until(lambda: _count(db, sql) == expected, 30, what)
+    wait_until(lambda: scalar(db, sql) == expected, 30, what)
 
 
 def _verified(db: Engine) -> None:
@@ -53,7 +49,7 @@ def _id_conflict(
     _wait_for(db, "SELECT count(*) FROM processed_messages", 1, "the restock")
     _publish(worker_env, to_json(events.restock("SKU-DL", 500, id="restock-1")))
     _wait_for(db, "SELECT count(*) FROM dead_letters", 1, "the id conflict")
-    conflict = _count(db, "SELECT dead_letter_id FROM dead_letters WHERE reason = 'id_conflict'")
+    conflict = scalar(db, "SELECT dead_letter_id FROM dead_letters WHERE reason = 'id_conflict'")
     return conflict, applied
 
 
@@ -81,7 +77,7 @@ def test_a_bad_body_is_listed_shown_and_discarded_once(
     again = _json(worker_env, "dead-letters", "replay", dl, ok=False)
     assert (again["result"], again["status"]) == ("dead_lettered", "open")
     assert "same dead letter again" in again["message"]
-    assert _count(db, "SELECT attempts FROM dead_letters") == 2
+    assert scalar(db, "SELECT attempts FROM dead_letters") == 2
 
     _cli(worker_env, "dead-letters", "discard", dl, "--reason", "test data from staging")
     assert _json(worker_env, "dead-letters", "list") == []
@@ -95,7 +91,7 @@ def test_a_bad_body_is_listed_shown_and_discarded_once(
     assert twice.returncode == 1 and "already discarded" in twice.stdout
     replayed = _cli(worker_env, "dead-letters", "replay", dl, ok=False)
     assert replayed.returncode == 1 and "discarded" in replayed.stdout
-    assert _count(db, "SELECT count(*) FROM dead_letters") == 1  # kept, as the audit record
+    assert scalar(db, "SELECT count(*) FROM dead_letters") == 1  # kept, as the audit record
     missing = _cli(worker_env, "dead-letters", "show", "999999", ok=False)
     assert missing.returncode == 1 and "no dead letter 999999" in missing.stdout
 
@@ -130,11 +126,11 @@ def test_replaying_an_event_already_applied_changes_nothing(
     assert replayed["message"].startswith("already applied: nothing changed")
     # Its content (500) never took effect: the dead letter stays open for --as-new or discard.
     assert replayed["status"] == "open"
-    assert _count(db, "SELECT attempts FROM dead_letters") == 2
+    assert scalar(db, "SELECT attempts FROM dead_letters") == 2
 
     # A copy of the applied event, parked while another copy applied: same content this time.
     dead_letters.record_now(db, to_json(applied).encode(), "parked", "order_not_found after 40")
-    parked = _count(db, "SELECT dead_letter_id FROM dead_letters WHERE reason = 'parked'")
+    parked = scalar(db, "SELECT dead_letter_id FROM dead_letters WHERE reason = 'parked'")
     refused = _cli(worker_env, "dead-letters", "replay", str(parked), "--as-new", ok=False)
     assert "would take effect twice" in refused.stdout
     text_out = _cli(worker_env, "dead-letters", "replay", str(parked)).stdout
@@ -143,11 +139,11 @@ def test_replaying_an_event_already_applied_changes_nothing(
     assert (shown["status"], shown["replayed_as"]) == ("replayed", "restock-1")
     assert shown["resolved_at"] is not None and "already applied" in shown["resolution_note"]
 
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
-    assert _count(db, "SELECT on_hand FROM inventory") == 5
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 1
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == 1
+    assert scalar(db, "SELECT on_hand FROM inventory") == 5
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 1
     # Counted: the conflicting copy and both replays.
-    assert _count(db, "SELECT duplicates FROM processed_messages") == 3
+    assert scalar(db, "SELECT duplicates FROM processed_messages") == 3
     _verified(db)
 
 
@@ -160,8 +156,8 @@ def test_replay_as_new_applies_once_under_its_replay_id(
     assert (first["result"], first["event_id"], first["status"]) == ("applied", new_id, "replayed")
     second = _json(worker_env, "dead-letters", "replay", str(conflict), "--as-new")
     assert second["result"] == "already_applied" and second["event_id"] == new_id
-    assert _count(db, "SELECT on_hand FROM inventory") == 505
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 2
+    assert scalar(db, "SELECT on_hand FROM inventory") == 505
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == 2
     shown = _json(worker_env, "dead-letters", "show", str(conflict))
     assert (shown["status"], shown["replayed_as"]) == ("replayed", new_id)
     # A plain replay now would be something else than what was done: refused.
@@ -191,13 +187,13 @@ def test_prune_moves_old_rows_to_tombstones_which_still_catch_duplicates(
     prunable, deferred_id = _held_order_with_deferred_payment(db, worker_env)
     with db.begin() as conn:
         conn.execute(text("UPDATE processed_messages SET processed_at = now() - interval '2 days'"))
-    before = _count(db, "SELECT count(*) FROM processed_messages")
+    before = scalar(db, "SELECT count(*) FROM processed_messages")
     assert before == 4
 
     dry = _json(worker_env, "prune", "--older-than", "1d", "--dry-run")
     assert (dry["dry_run"], dry["moved"], dry["kept_deferred"]) == (True, 3, 1)
-    assert _count(db, "SELECT count(*) FROM processed_messages") == before
-    assert _count(db, "SELECT count(*) FROM processed_tombstones") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == before
+    assert scalar(db, "SELECT count(*) FROM processed_tombstones") == 0
     assert _json(worker_env, "prune", "--older-than", "3d")["moved"] == 0
 
     pruned = _json(worker_env, "prune", "--older-than", "1d")
@@ -214,19 +210,19 @@ def test_prune_moves_old_rows_to_tombstones_which_still_catch_duplicates(
 
     # A very late copy of a pruned event: a duplicate, no second effect.
     restock = prunable[0]
-    movements = _count(db, "SELECT count(*) FROM inventory_movements")
+    movements = scalar(db, "SELECT count(*) FROM inventory_movements")
     _publish(worker_env, to_json(restock))
     wait_until(lambda: "duplicate" in worker.outcomes(restock.id), 30, "the late copy")
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == movements
-    assert _count(db, "SELECT on_hand FROM inventory") == 5
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 1  # no row came back
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == movements
+    assert scalar(db, "SELECT on_hand FROM inventory") == 5
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 1  # no row came back
     # A pruned id reused with other content is still told apart.
     forged = events.restock("SKU-PR", 50, id=restock.id)
     _publish(worker_env, to_json(forged))
     _wait_for(
         db, "SELECT count(*) FROM dead_letters WHERE reason = 'id_conflict'", 1, "the conflict"
     )
-    assert _count(db, "SELECT on_hand FROM inventory") == 5
+    assert scalar(db, "SELECT on_hand FROM inventory") == 5
     _verified(db)
 
     bad = _cli(worker_env, "prune", "--older-than", "soon", ok=False)
@@ -249,8 +245,8 @@ def test_a_duplicate_between_the_phases_of_prune_is_caught(
 
     def between_phases(seconds: float) -> None:
         assert seconds == pytest.approx(settings.statement_timeout_ms / 1000 + 1)
-        assert _count(db, "SELECT count(*) FROM processed_tombstones") == 3
-        assert _count(db, "SELECT count(*) FROM processed_messages") == 3
+        assert scalar(db, "SELECT count(*) FROM processed_tombstones") == 3
+        assert scalar(db, "SELECT count(*) FROM processed_messages") == 3
         seen.append(exactly_once.process(body, engine=db, locks=locks).kind)
 
     report = retention.prune(
@@ -261,9 +257,9 @@ def test_a_duplicate_between_the_phases_of_prune_is_caught(
         sleep=between_phases,
     )
     assert (seen, report.moved, report.batches) == (["duplicate"], 3, 4)
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     assert exactly_once.process(body, engine=db, locks=locks).kind == "duplicate"
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 3
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == 3
 
 
 def test_durations() -> None:

@@ -16,12 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from orderonce.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
+from tests.db import scalar
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
@@ -30,11 +31,6 @@ pytestmark = pytest.mark.chaos
 ORDERS = 20
 RESTOCKS = 150
 PRODUCER_COPY_RATE = 0.25
-
-
-def _count(db: Engine, sql: str) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql)).scalar_one() or 0)
 
 
 def _free_port() -> int:
@@ -107,7 +103,7 @@ def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
     assert "host-a0@" in host_a.text() and "host-b1@" in host_b.text()
 
     publisher.publish(events.restock("SKU-MH", 1000))  # the orders' stock, first
-    wait_until(lambda: _count(db, "SELECT count(*) FROM processed_messages") == 1, 30, "stock")
+    wait_until(lambda: scalar(db, "SELECT count(*) FROM processed_messages") == 1, 30, "stock")
 
     stream, stocked, reserved = _stream()
     rng = random.Random(5)
@@ -120,7 +116,7 @@ def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
     # Both hosts are busy with the stream; then host A goes away with whatever it holds.
     wait_until(lambda: _outcomes(host_a) >= 10 and _outcomes(host_b) >= 5, 60, "both hosts")
     assert _events_served(port_a) > 0  # each host serves its own metrics, on its own port
-    in_flight = half - _count(db, "SELECT count(*) FROM processed_messages")
+    in_flight = half - scalar(db, "SELECT count(*) FROM processed_messages")
     host_a.kill()
     done_by_a = _outcomes(host_a)
     for event in copies[half:]:
@@ -130,10 +126,10 @@ def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
     producer_copies = len(copies) - len(stream)
     wait_until(
         lambda: (
-            _count(db, "SELECT count(*) FROM processed_messages") == unique
-            and _count(db, "SELECT sum(duplicates) - sum(redeliveries) FROM processed_messages")
+            scalar(db, "SELECT count(*) FROM processed_messages") == unique
+            and scalar(db, "SELECT sum(duplicates) - sum(redeliveries) FROM processed_messages")
             >= producer_copies
-            and _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == ORDERS
+            and scalar(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == ORDERS
         ),
         120,
         "host B to finish the stream, host A's unacknowledged messages included",
@@ -144,16 +140,16 @@ def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
     assert _events_served(port_b) > 0
     if in_flight > 10:
         # Host A died holding messages (prefetch: one per pool process): they came back to B.
-        assert _count(db, "SELECT count(*) FROM message_deliveries") >= 1
+        assert scalar(db, "SELECT count(*) FROM message_deliveries") >= 1
     # Exactly once: every effect counted from the tables, not from the outcomes.
-    assert _count(db, "SELECT count(*) FROM processed_messages WHERE outcome <> 'applied'") == 0
-    assert _count(db, "SELECT count(*) FROM inventory_movements WHERE kind = 'restock'") == (
+    assert scalar(db, "SELECT count(*) FROM processed_messages WHERE outcome <> 'applied'") == 0
+    assert scalar(db, "SELECT count(*) FROM inventory_movements WHERE kind = 'restock'") == (
         RESTOCKS + 1
     )
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == 1000 + stocked
-    assert _count(db, "SELECT sum(reserved) FROM inventory") == reserved
-    assert _count(db, "SELECT count(*) FROM ledger_entries") == 2 * ORDERS
-    assert _count(db, "SELECT count(*) FROM dead_letters") == 0
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == 1000 + stocked
+    assert scalar(db, "SELECT sum(reserved) FROM inventory") == reserved
+    assert scalar(db, "SELECT count(*) FROM ledger_entries") == 2 * ORDERS
+    assert scalar(db, "SELECT count(*) FROM dead_letters") == 0
     with db.connect() as conn:
         failed = [c for c in reports.verify(conn) if not c.ok]
     assert not failed, failed

@@ -7,22 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from producers import Publisher
 from tests import events
 from tests.brokers import BROKER_NAMES, Broker
+from tests.db import scalar
 from tests.workers import WorkerFactory, run_cli, wait_until
 from worker import reports
 
 pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 
 SHARDS = 2
-
-
-def _count(db: Engine, sql: str) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql)).scalar_one())
 
 
 def test_each_order_is_handled_in_sequence_by_one_worker(
@@ -34,7 +30,7 @@ def test_each_order_is_handled_in_sequence_by_one_worker(
     try:
         shard_workers = [workers.start(f"s{i}", args=[f"--shard={i}"]) for i in range(SHARDS)]
         publisher.publish(events.restock("SKU-O", 1000))
-        wait_until(lambda: _count(db, "SELECT count(*) FROM processed_messages") == 1, 30, "stock")
+        wait_until(lambda: scalar(db, "SELECT count(*) FROM processed_messages") == 1, 30, "stock")
         orders = [events.uid("ORD") for _ in range(16)]
         stream = {
             order: [
@@ -49,7 +45,7 @@ def test_each_order_is_handled_in_sequence_by_one_worker(
             for order in orders:
                 publisher.publish(stream[order][step])
         wait_until(
-            lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 16,
+            lambda: scalar(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 16,
             60,
             "every order to ship",
         )

@@ -20,15 +20,11 @@ from producers import Publisher
 from producers.publisher import to_json
 from tests import events
 from tests.brokers import Broker, message_count
+from tests.db import scalar
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
 pytestmark = pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
-
-
-def _count(db: Engine, sql: str) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql)).scalar_one())
 
 
 def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limit(
@@ -49,12 +45,12 @@ def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
         publisher.publish(poison)
         publisher.publish(events.restock("SKU-FINE", 1))
         wait_until(
-            lambda: _count(db, "SELECT count(*) FROM dead_letters WHERE reason='delivery_limit'"),
+            lambda: scalar(db, "SELECT count(*) FROM dead_letters WHERE reason='delivery_limit'"),
             60,
             "the delivery-limit dead letter",
         )
         wait_until(
-            lambda: _count(db, "SELECT count(*) FROM processed_messages") == 1, 30, "the good one"
+            lambda: scalar(db, "SELECT count(*) FROM processed_messages") == 1, 30, "the good one"
         )
         with db.connect() as conn:
             row = conn.execute(text("SELECT body_sha256, detail, attempts FROM dead_letters")).one()
@@ -62,7 +58,7 @@ def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limi
         assert row.body_sha256 == hashlib.sha256(to_json(poison).encode()).hexdigest()
         assert "delivery_limit" in row.detail
         assert row.attempts == 1
-        assert _count(db, "SELECT count(*) FROM inventory WHERE sku = 'SKU-X'") == 0
+        assert scalar(db, "SELECT count(*) FROM inventory WHERE sku = 'SKU-X'") == 0
         # Acknowledged once recorded: nothing is left in the dead-letter queue.
         wait_until(
             lambda: message_count(limited.url, dead_letter_queue(limited.settings).name) == 0,
@@ -130,11 +126,11 @@ def test_nothing_is_lost_when_workers_are_killed(
             time.sleep(0.2)
             workers.start("c", pool="prefork", concurrency=2)
     wait_until(
-        lambda: _count(db, "SELECT count(*) FROM processed_messages") == len(stream),
+        lambda: scalar(db, "SELECT count(*) FROM processed_messages") == len(stream),
         120,
         "every event after the kills",
     )
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(stream)
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == len(stream)
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(stream)
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(stream)
     with db.connect() as conn:
         assert all(c.ok for c in reports.verify(conn))

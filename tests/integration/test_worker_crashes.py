@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from orderonce.config import Settings
 from orderonce.embedded import PrivateRedis
@@ -21,9 +21,9 @@ from producers import Publisher
 from schemas import CloudEvent
 from tests import events
 from tests.brokers import BROKER_NAMES
+from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
 from worker.locks import lock_name
 
 # Every test here runs on Redis and on RabbitMQ (tests/brokers.py): the broker is where a
@@ -31,25 +31,14 @@ from worker.locks import lock_name
 pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 
 
-def _count(db: Engine, sql: str, **params: object) -> int:
-    with db.connect() as conn:
-        return int(conn.execute(text(sql), params).scalar_one())
-
-
 def _settled(db: Engine, n: int) -> bool:
-    return _count(db, "SELECT count(*) FROM processed_messages") >= n
-
-
-def _assert_verified(db: Engine) -> None:
-    with db.connect() as conn:
-        failed = [c for c in reports.verify(conn) if not c.ok]
-    assert not failed, failed
+    return scalar(db, "SELECT count(*) FROM processed_messages") >= n
 
 
 def _assert_restocked_once(db: Engine, quantity: int) -> None:
-    assert _count(db, "SELECT on_hand FROM inventory") == quantity
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == 1
-    _assert_verified(db)
+    assert scalar(db, "SELECT on_hand FROM inventory") == quantity
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == 1
+    assert_verified(db)
 
 
 def _failpoint(tmp_path: Path, spec: str) -> dict[str, str]:
@@ -79,18 +68,18 @@ def test_same_message_ten_times_to_several_workers(
     wait_until(
         lambda: (
             _settled(db, len(stream))
-            and _count(db, "SELECT sum(duplicates) FROM processed_messages")
+            and scalar(db, "SELECT sum(duplicates) FROM processed_messages")
             == len(copies) + 1 - len(stream)
         ),
         90,
         "every copy to be processed",
     )
-    assert _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 20
+    assert scalar(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 20
     # Every copy was its own broker message (a producer's retry), none a redelivery.
-    assert _count(db, "SELECT sum(redeliveries) FROM processed_messages") == 0
-    assert _count(db, "SELECT count(*) FROM ledger_entries") == 40
-    assert _count(db, "SELECT reserved FROM inventory") == 40
-    _assert_verified(db)
+    assert scalar(db, "SELECT sum(redeliveries) FROM processed_messages") == 0
+    assert scalar(db, "SELECT count(*) FROM ledger_entries") == 40
+    assert scalar(db, "SELECT reserved FROM inventory") == 40
+    assert_verified(db)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "solo"], ids=["pool-child", "main-process"])
@@ -105,12 +94,12 @@ def test_killed_after_commit_before_ack_is_redelivered_as_duplicate(
         wait_until(lambda: worker.proc.poll() is not None, 10, "the worker to die")
         workers.start(pool=pool)
     wait_until(
-        lambda: _count(db, "SELECT duplicates FROM processed_messages") >= 1,
+        lambda: scalar(db, "SELECT duplicates FROM processed_messages") >= 1,
         60,
         "the redelivered copy to be recognised as a duplicate",
     )
     # The same broker message came back: counted as a redelivery, not a producer's copy.
-    assert _count(db, "SELECT redeliveries FROM processed_messages") >= 1
+    assert scalar(db, "SELECT redeliveries FROM processed_messages") >= 1
     _assert_restocked_once(db, 7)
 
 
@@ -123,7 +112,7 @@ def test_killed_mid_transaction_rolls_back_then_applies_once(
     wait_until(lambda: _fired(tmp_path, "before_commit"), 30, "the kill before commit")
     # Rolled back: no trace of the event, but its lock outlives the dead holder, and the
     # requeued copy must wait for it to expire rather than ack and skip.
-    assert _count(db, "SELECT count(*) FROM processed_messages") == 0
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     wait_until(lambda: _settled(db, 1), 60, "the requeued copy to apply")
     _assert_restocked_once(db, 3)
 
@@ -146,7 +135,7 @@ def test_paused_past_lock_ttl_cannot_double_apply_or_free_the_new_lock(
     workers.start("takeover")
     publisher.publish(event)  # a producer retry of the same event reaches the other worker
     wait_until(lambda: _settled(db, 1), 30, "the other worker to apply the event")
-    assert _count(db, "SELECT on_hand FROM inventory") == 4
+    assert scalar(db, "SELECT on_hand FROM inventory") == 4
 
     # Someone new holds the event's lock when the paused worker wakes up.
     client = redis.Redis.from_url(servers.redis_url)
@@ -178,16 +167,16 @@ def test_redis_lock_server_stopped_while_processing(
                 locks_redis.stop()
         wait_until(lambda: _settled(db, len(stream)), 90, "all events to settle without Redis")
         wait_until(
-            lambda: _count(db, "SELECT sum(duplicates) FROM processed_messages") == len(stream),
+            lambda: scalar(db, "SELECT sum(duplicates) FROM processed_messages") == len(stream),
             60,
             "every copy to be processed",
         )
     finally:
         locks_redis.stop()
-    assert _count(db, "SELECT count(*) FROM inventory_movements") == len(stream)
-    assert _count(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(stream)
+    assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(stream)
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(stream)
     assert any("relying on the database guarantee alone" in w.text() for w in workers.started)
-    _assert_verified(db)
+    assert_verified(db)
 
 
 def test_events_of_one_order_out_of_order(
@@ -203,21 +192,21 @@ def test_events_of_one_order_out_of_order(
         publisher.publish(events.paid(order, "30.00"))
         publisher.publish(events.created(order, [("SKU-A", 3, "10.00")]))
     wait_until(
-        lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 2,
+        lambda: scalar(db, "SELECT count(*) FROM orders WHERE status = 'shipped'") == 2,
         60,
         "both orders to reach shipped",
     )
     publisher.publish(events.cancelled(cancelled_too_late))
     wait_until(lambda: _settled(db, 8), 30, "the late cancellation to be recorded")
-    reason = _count(
+    reason = scalar(
         db,
         "SELECT count(*) FROM processed_messages WHERE outcome = 'rejected'"
         " AND reason LIKE 'invalid_transition%'",
     )
     assert reason == 1
-    assert _count(db, "SELECT on_hand FROM inventory") == 94
-    assert _count(db, "SELECT reserved FROM inventory") == 0
-    _assert_verified(db)
+    assert scalar(db, "SELECT on_hand FROM inventory") == 94
+    assert scalar(db, "SELECT reserved FROM inventory") == 0
+    assert_verified(db)
 
 
 def test_waiting_for_a_lock_does_not_use_up_the_too_early_budget(
@@ -242,8 +231,8 @@ def test_waiting_for_a_lock_does_not_use_up_the_too_early_budget(
     time.sleep(3.3)  # about six lock_busy retries: more than the too-early budget
     publisher.publish(events.created(order, [("SKU-L", 1, "5.00")]))
     wait_until(
-        lambda: _count(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 1,
+        lambda: scalar(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == 1,
         30,
         "the early payment to apply once its order exists",
     )
-    assert _count(db, "SELECT count(*) FROM dead_letters") == 0
+    assert scalar(db, "SELECT count(*) FROM dead_letters") == 0
