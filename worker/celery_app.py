@@ -37,7 +37,7 @@ from worker.broker_dead_letters import BrokerDeadLetters
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
 from worker.event_loop_tick import EventLoopTick
-from worker.processed import count_redelivery
+from worker.processed import finish_run, start_redelivered_run
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,35 @@ def _dead_letter(
     return {"outcome": "dead_lettered", "reason": reason}
 
 
+def _redelivered(task: Task) -> bool:
+    return bool((task.request.delivery_info or {}).get("redelivered"))
+
+
 def _killed_too_often(task: Task) -> int | None:
-    """Count a redelivered message durably; its delivery count once it came back too often.
+    """Count a redelivered message's run durably; its count once its runs ended in a crash
+    too often.
 
     A message that kills its worker (a segfault, the OOM killer) is requeued by Celery every
     time, forever: Redis has no delivery limit. Only redeliveries are counted, so the usual
-    path costs nothing extra.
+    path costs nothing extra; ``_finish_run`` marks a run that ended without a crash, so a
+    message that was only waiting in a worker that died is not blamed for it.
     """
-    if not (task.request.delivery_info or {}).get("redelivered"):
+    if not _redelivered(task):
         return None
     rt = runtime()
     deliveries = exactly_once.with_db_retries(rt.config.db_attempts)(
-        count_redelivery, rt.engine, task.request.id
+        start_redelivered_run, rt.engine, task.request.id
     )
     return deliveries if deliveries > rt.settings.poison_max_retries else None
+
+
+def _finish_run(task: Task) -> None:
+    if not _redelivered(task):
+        return
+    try:
+        finish_run(runtime().engine, task.request.id)
+    except Exception as exc:  # the next redelivery, if any, may count this run: only that
+        log.warning("could not record the end of a redelivered message's run: %s", exc)
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
@@ -145,6 +160,8 @@ def process_event(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise
     except Exception as exc:
         raise _back_to_the_broker(self, exc, "message") from exc
+    finally:
+        _finish_run(self)
 
 
 def _back_to_the_broker(task: Task, exc: Exception, what: str) -> Retry | Reject:
@@ -278,6 +295,8 @@ def process_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise
     except Exception as exc:
         raise _back_to_the_broker(self, exc, "batch") from exc
+    finally:
+        _finish_run(self)
 
 
 def _handle_batch(

@@ -121,21 +121,42 @@ def count_duplicate(
     return str(pruned), False
 
 
-def count_redelivery(engine: Engine, message_id: str) -> int:
-    """One more delivery of a broker message that came back; the total so far. Committed at
-    once, so the count survives the crash the message may be about to cause."""
+def start_redelivered_run(engine: Engine, message_id: str) -> int:
+    """A redelivered broker message starts a run: how many of its runs never finished,
+    counting this one. Committed at once, so the count survives the crash the message may be
+    about to cause.
+
+    Only runs that a crash ended count: the previous delivery's run if it left ``running``
+    set, and the first delivery's (never recorded, so the usual path costs nothing: assumed
+    to have run). A message that only waited in a worker that died — in a buffer, for its
+    retry's countdown, in the prefetch — finished its last run (``finish_run``) and is not
+    counted again for it.
+    """
+    row = message_deliveries.c
     with engine.begin() as conn:
         return int(
             conn.execute(
                 insert(message_deliveries)
-                .values(message_id=message_id, deliveries=2)  # the first was not counted
+                .values(message_id=message_id, deliveries=2, running=True)
                 .on_conflict_do_update(
-                    index_elements=[message_deliveries.c.message_id],
+                    index_elements=[row.message_id],
                     set_={
-                        "deliveries": message_deliveries.c.deliveries + 1,
+                        "deliveries": row.deliveries + case((row.running, 1), else_=0),
+                        "running": True,
                         "last_seen": func.now(),
                     },
                 )
-                .returning(message_deliveries.c.deliveries)
+                .returning(row.deliveries)
             ).scalar_one()
+        )
+
+
+def finish_run(engine: Engine, message_id: str) -> None:
+    """The run started by ``start_redelivered_run`` ended without a crash (an outcome, a
+    retry, an error)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(message_deliveries)
+            .where(message_deliveries.c.message_id == message_id)
+            .values(running=False)
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -210,10 +212,15 @@ processed_tombstones = Table(
 message_deliveries = Table(
     "message_deliveries",
     metadata,
-    # Deliveries of broker messages that came back (redelivered): a message that kills its
-    # worker every time is stopped after a few, even on Redis, which has no delivery limit.
+    # Runs of redelivered broker messages that a crash ended: a message that kills its worker
+    # every time is stopped after a few, even on Redis, which has no delivery limit.
+    # ``deliveries``: the runs so far that never finished, counting the unrecorded first one
+    # and the current one. ``running``: a run started and has not finished; the next
+    # redelivery counts only if it is still set (a message that merely waited in a killed
+    # worker, in a buffer or for its countdown, is not what killed it).
     Column("message_id", Text, primary_key=True),
     Column("deliveries", Integer, nullable=False, server_default="1"),
+    Column("running", Boolean, nullable=False, server_default=false()),
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

@@ -64,6 +64,16 @@ def test_batch_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path:
     assert report["attempt_outcomes"]["duplicate"] > 0  # type: ignore[index]
 
 
+def test_buffered_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    # A crash gives back a whole buffer; those messages must not be taken for poison (they
+    # were waiting, not running: worker/processed.py, start_redelivered_run).
+    report = run(
+        ChaosOptions(events=1000, seed=14, buffered=50, drain_timeout_s=240, workdir=tmp_path)
+    )
+    assert report["ok"], [f for f in report["findings"] if not f["ok"]]  # type: ignore[attr-defined]
+    assert report["attempt_outcomes"]["duplicate"] > 0  # type: ignore[index]
+
+
 def test_on_rabbitmq_the_same_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     url = os.environ.get("ORDERONCE_TEST_AMQP_URL", DEFAULT_AMQP_URL)
     if not listening(url):
