@@ -37,7 +37,7 @@ from worker.broker_dead_letters import BrokerDeadLetters
 from worker.db import is_transient
 from worker.errors import LockBusy, NotYetApplicable
 from worker.event_loop_tick import EventLoopTick
-from worker.processed import finish_run, start_redelivered_run
+from worker.processed import finish_run, start_run
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -112,35 +112,38 @@ def _dead_letter(
     return {"outcome": "dead_lettered", "reason": reason}
 
 
-def _redelivered(task: Task) -> bool:
-    return bool((task.request.delivery_info or {}).get("redelivered"))
+def _came_back(task: Task) -> bool:
+    """Redelivered, or a retry: a message whose runs are counted (``_killed_too_often``)."""
+    return bool((task.request.delivery_info or {}).get("redelivered")) or bool(_attempts(task))
 
 
 def _killed_too_often(task: Task) -> int | None:
-    """Count a redelivered message's run durably; its count once its runs ended in a crash
-    too often.
+    """Count the run of a message that came back durably; its count once crashes ended its
+    runs too often.
 
     A message that kills its worker (a segfault, the OOM killer) is requeued by Celery every
-    time, forever: Redis has no delivery limit. Only redeliveries are counted, so the usual
-    path costs nothing extra; ``_finish_run`` marks a run that ended without a crash, so a
-    message that was only waiting in a worker that died is not blamed for it.
+    time, forever: Redis has no delivery limit. Only messages that came back (redelivered, or
+    retries) are counted, so the usual path costs nothing extra; ``_finish_run`` marks a run
+    that ended without a crash, so a message that was only waiting in a worker that died is
+    not blamed for it.
     """
-    if not _redelivered(task):
+    if not _came_back(task):
         return None
     rt = runtime()
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     deliveries = exactly_once.with_db_retries(rt.config.db_attempts)(
-        start_redelivered_run, rt.engine, task.request.id
+        start_run, rt.engine, task.request.id, redelivered=redelivered
     )
     return deliveries if deliveries > rt.settings.poison_max_retries else None
 
 
 def _finish_run(task: Task) -> None:
-    if not _redelivered(task):
+    if not _came_back(task):
         return
     try:
         finish_run(runtime().engine, task.request.id)
     except Exception as exc:  # the next redelivery, if any, may count this run: only that
-        log.warning("could not record the end of a redelivered message's run: %s", exc)
+        log.warning("could not record the end of a message's run: %s", exc)
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints

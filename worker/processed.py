@@ -121,27 +121,30 @@ def count_duplicate(
     return str(pruned), False
 
 
-def start_redelivered_run(engine: Engine, message_id: str) -> int:
-    """A redelivered broker message starts a run: how many of its runs never finished,
-    counting this one. Committed at once, so the count survives the crash the message may be
-    about to cause.
+def start_run(engine: Engine, message_id: str, *, redelivered: bool) -> int:
+    """A broker message that came back starts a run: how many of its runs a crash ended,
+    counting the current one. Committed at once, so the count survives the crash the message
+    may be about to cause. Only called for messages that came back, redelivered or as a retry
+    (the same message id), so the usual path costs nothing.
 
-    Only runs that a crash ended count: the previous delivery's run if it left ``running``
-    set, and the first delivery's (never recorded, so the usual path costs nothing: assumed
-    to have run). A message that only waited in a worker that died — in a buffer, for its
-    retry's countdown, in the prefetch — finished its last run (``finish_run``) and is not
-    counted again for it.
+    What is counted: the first delivery's run, which is never recorded, once a redelivery
+    shows it did not finish; then each recorded run that left ``running`` set when its message
+    was redelivered. A retry follows a run that finished (it sent the retry), so it counts
+    nothing. A message that only waited in a worker that died (in a buffer, for its retry's
+    countdown, in the prefetch) is not counted again: its last run had finished
+    (``finish_run``).
     """
     row = message_deliveries.c
     with engine.begin() as conn:
         return int(
             conn.execute(
                 insert(message_deliveries)
-                .values(message_id=message_id, deliveries=2, running=True)
+                .values(message_id=message_id, deliveries=2 if redelivered else 1, running=True)
                 .on_conflict_do_update(
                     index_elements=[row.message_id],
                     set_={
-                        "deliveries": row.deliveries + case((row.running, 1), else_=0),
+                        "deliveries": row.deliveries
+                        + case((row.running & literal(redelivered), 1), else_=0),
                         "running": True,
                         "last_seen": func.now(),
                     },
@@ -152,8 +155,8 @@ def start_redelivered_run(engine: Engine, message_id: str) -> int:
 
 
 def finish_run(engine: Engine, message_id: str) -> None:
-    """The run started by ``start_redelivered_run`` ended without a crash (an outcome, a
-    retry, an error)."""
+    """The run started by ``start_run`` ended without a crash (an outcome, a retry, an
+    error)."""
     with engine.begin() as conn:
         conn.execute(
             update(message_deliveries)

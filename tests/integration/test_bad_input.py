@@ -130,7 +130,7 @@ def test_poison_gets_bounded_attempts_then_a_dead_letter(
     poison = events.restock("SKU-POISON", 1)
     publisher.publish(poison)
     publisher.publish(events.restock("SKU-FINE", 1))
-    wait_until(lambda: _dead_letters(db).get("poison") == 1, 90, "the poison dead letter")
+    wait_until(lambda: _dead_letters(db).get("poison") == 1, 60, "the poison dead letter")
     with db.connect() as conn:
         wait_until(
             lambda: conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one() == 1,

@@ -1,4 +1,4 @@
-"""The durable "kills its worker" count (worker/processed.py: ``start_redelivered_run``) blames
+"""The durable "kills its worker" count (worker/processed.py: ``start_run``) blames
 a message only for the crashes that ended one of its own runs.
 
 Its other side, a message that kills its worker every time is dead-lettered after a few, is
@@ -18,18 +18,23 @@ from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker.locks import lock_name
-from worker.processed import finish_run, start_redelivered_run
+from worker.processed import finish_run, start_run
 
 
 def test_only_runs_a_crash_ended_are_counted(db: Engine) -> None:
-    message = f"msg-{uuid.uuid4()}"
-    assert start_redelivered_run(db, message) == 2  # the unrecorded first run is assumed
-    assert start_redelivered_run(db, message) == 3  # the previous run never finished
-    finish_run(db, message)
-    assert start_redelivered_run(db, message) == 3  # it had finished: only waited
-    finish_run(db, message)
-    assert start_redelivered_run(db, message) == 3
-    assert start_redelivered_run(db, message) == 4
+    first_crashed = f"msg-{uuid.uuid4()}"
+    assert start_run(db, first_crashed, redelivered=True) == 2  # the unrecorded first run
+    assert start_run(db, first_crashed, redelivered=True) == 3  # the last run never finished
+    finish_run(db, first_crashed)
+    assert start_run(db, first_crashed, redelivered=True) == 3  # it had finished: only waited
+    finish_run(db, first_crashed)  # ... with a retry:
+    assert start_run(db, first_crashed, redelivered=False) == 3
+    assert start_run(db, first_crashed, redelivered=True) == 4  # the retry's run crashed
+
+    retried = f"msg-{uuid.uuid4()}"
+    assert start_run(db, retried, redelivered=False) == 1  # its first run sent the retry
+    assert start_run(db, retried, redelivered=False) == 1  # so did this one (end not recorded)
+    assert start_run(db, retried, redelivered=True) == 2
 
 
 def test_a_message_waiting_in_killed_workers_is_not_taken_for_poison(
@@ -68,5 +73,6 @@ def test_a_message_waiting_in_killed_workers_is_not_taken_for_poison(
     wait_until(lambda: scalar(db, "SELECT count(*) FROM processed_messages") == 1, 30, "the event")
     assert scalar(db, "SELECT count(*) FROM dead_letters") == 0
     assert scalar(db, "SELECT on_hand FROM inventory WHERE sku = 'SKU-WAITING'") == 3
-    assert scalar(db, "SELECT deliveries FROM message_deliveries") == 2
+    # Its first run sent a retry, and every later run ended too: no crash ended a run of it.
+    assert scalar(db, "SELECT deliveries FROM message_deliveries") == 1
     assert_verified(db)
