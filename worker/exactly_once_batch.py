@@ -76,12 +76,6 @@ class _Entry:
     message_id: str | None
 
 
-# Batches take turns in the database: each transaction starts once the one before it ended,
-# so it sees everything the batches before it committed (an order created one batch earlier
-# on another worker is found, not "too early"), and batches never wait on each other's row
-# locks half-way. Their Python work (parsing, hashing, deciding, Celery) still overlaps, and
-# single events are not held up: they do not take this lock.
-_TAKE_TURN = text("SELECT pg_advisory_xact_lock(hashtextextended('orderonce/batch', 0))")
 _CLAIM = text(
     "INSERT INTO processed_messages (source, event_id, event_type, subject, payload_hash,"
     " outcome, message_id)"
@@ -213,7 +207,6 @@ def _commit_batch(
 def _in_transaction(
     conn: Connection, entries: list[_Entry], refused: list[tuple[bytes, Refusal]], config: Config
 ) -> tuple[list[Outcome], list[HandedBack]]:
-    conn.execute(_TAKE_TURN)
     outcomes: list[Outcome] = []
     for body, refusal in refused:
         dead_letters.record(conn, body, refusal.reason, refusal.detail, **refusal.ids)

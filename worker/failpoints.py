@@ -5,8 +5,8 @@ Off unless ``ORDERONCE_FAILPOINTS`` is set, e.g. ``before_commit=kill,after_comm
 Actions: ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP it), ``sleep:SECONDS``, ``raise``
 (an unexpected error, as a bug would raise). ``ACTION~TEXT`` fires only for messages whose body
 contains TEXT (a poison message: ``before_commit=kill~SKU-POISON``). A point may have several
-rules (``before_commit=kill~FP-A,before_commit=raise~FP-B``); the first that matches and has not
-used up its one firing fires.
+rules (``before_commit=kill~FP-A,before_commit=raise~FP-B``); each that matches and has not used
+up its one firing fires, in order (a ``kill`` or ``raise`` ends the list).
 
 With ``ORDERONCE_FAILPOINTS_ONCE_DIR`` set, each point fires once across all processes (a marker
 file is created atomically), so a restarted worker goes on normally; a rule ending in ``~once``
@@ -80,8 +80,10 @@ def failpoint(name: str, body: bytes = b"") -> None:
             marker = f"{name}~{match}~{hashlib.sha256(body).hexdigest()[:24]}"
         if not rule.always and not _first_time(marker):
             continue  # fired before; a later rule may still match (a batch joins many bodies)
+        # Every matching rule fires, in order: ``kill`` and ``raise`` end the call, but a
+        # ``sleep`` or a ``stop`` (resumed later) must not hide a poison's ``raise`` behind
+        # it in a batch that joins both bodies.
         _act(name, rule.action)
-        return
 
 
 def _act(name: str, action: str) -> None:

@@ -7,12 +7,15 @@ real worker processes are in test_batch_crashes.py.
 
 from __future__ import annotations
 
+import random
 import threading
 import uuid
 from collections import Counter
+from decimal import Decimal
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from orderonce.config import Settings
 from orderonce.demo_stream import build_stream
@@ -66,6 +69,29 @@ def _single_until_done(bodies: list[bytes], engine: Engine, locks: EventLocks) -
         if not bodies:
             return
     raise AssertionError(f"{len(bodies)} events never settled")
+
+
+def _all_at_once(
+    batches: list[list[CloudEvent]], engine: Engine, locks: BatchLocks
+) -> tuple[list[bytes], list[BaseException]]:
+    """Run the batches in threads released together; what they handed back, and what raised."""
+    barrier = threading.Barrier(len(batches))
+    handed_back: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def run(batch: list[CloudEvent]) -> None:
+        barrier.wait()
+        try:
+            handed_back.extend(h.body for h in _batch(list(batch), engine, locks).handed_back)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return handed_back, errors
 
 
 def _scalar(engine: Engine, sql: str) -> object:
@@ -191,22 +217,7 @@ def test_overlapping_concurrent_batches_apply_each_event_once(
     for k, batch in enumerate(batches):  # each batch lists them in its own order
         batch.sort(key=lambda e, k=k: hash((e.id, k)))
     chosen = batch_locks if redis_locks else _no_redis_locks(settings)
-    barrier = threading.Barrier(len(batches))
-    handed_back: list[bytes] = []
-    errors: list[BaseException] = []
-
-    def run(batch: list[CloudEvent]) -> None:
-        barrier.wait()
-        try:
-            handed_back.extend(h.body for h in _batch(list(batch), db, chosen).handed_back)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(b,)) for b in batches]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    handed_back, errors = _all_at_once(batches, db, chosen)
     assert not errors
     # Events whose lock another batch held were handed back; the single path settles them.
     _single_until_done(handed_back, db, locks)
@@ -214,6 +225,69 @@ def test_overlapping_concurrent_batches_apply_each_event_once(
     assert _scalar(db, "SELECT count(*) FROM processed_messages") == len(shared)
     assert _scalar(db, "SELECT sum(duplicates) FROM processed_messages") == 3 * len(shared)
     assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 3 * len(shared)
+    assert_verified(db)
+
+
+@pytest.mark.parametrize("redis_locks", [True, False], ids=["redis-locks", "database-alone"])
+def test_concurrent_batches_never_deadlock_nor_apply_twice(
+    db: Engine,
+    settings: Settings,
+    locks: EventLocks,
+    batch_locks: BatchLocks,
+    redis_locks: bool,
+) -> None:
+    # Batches do not take turns: they overlap in the database. Each round, four batches run
+    # at once, each listing its events in its own order (forwards, backwards, shuffled):
+    # new orders of customers of its own (so no customer lock makes them wait for each other
+    # before the stock rows they all share), follow-ups of the orders another batch created
+    # the round before (orders to lock, stock to release), and copies of a third batch's
+    # events (processed rows claimed by two at once). A lock taken out of the fixed order
+    # would deadlock here; PostgreSQL would break it and the protocol retry it, so the test
+    # watches every database error, not only the outcome.
+    skus = [f"SKU-{i}" for i in range(5)]
+    _batch([events.restock(sku, 10_000) for sku in skus], db, batch_locks)
+    chosen = batch_locks if redis_locks else _no_redis_locks(settings)
+    rng = random.Random(29)
+    errors: list[BaseException] = []
+    sqlstates: list[str | None] = []
+
+    def seen(context: Any) -> None:
+        sqlstates.append(getattr(context.original_exception, "sqlstate", None))
+
+    def new_order() -> tuple[CloudEvent, CloudEvent]:
+        order = events.uid("ORD")
+        items = [(sku, rng.randint(1, 3), "2.50") for sku in rng.sample(skus, 3)]
+        total = sum(Decimal(p) * q for _, q, p in items)
+        follow_up = (
+            events.paid(order, f"{total:.2f}") if rng.random() < 0.5 else events.cancelled(order)
+        )
+        return events.created(order, items), follow_up
+
+    distinct: set[tuple[str, str]] = set()
+    follow_ups: list[list[CloudEvent]] = [[] for _ in range(4)]
+    event.listen(db, "handle_error", seen)
+    try:
+        for _round in range(4):
+            created = [[new_order() for _ in range(12)] for _ in range(4)]
+            own = [[c for c, _ in created[k]] + follow_ups[(k + 1) % 4] for k in range(4)]
+            batches = []
+            for k in range(4):
+                batch = own[k] + [e for e in own[(k + 2) % 4] if rng.random() < 0.3]
+                if k == 1:
+                    batch.reverse()
+                elif k > 1:
+                    rng.shuffle(batch)
+                batches.append(batch)
+            handed_back, failed = _all_at_once(batches, db, chosen)
+            errors += failed
+            _single_until_done(handed_back, db, locks)
+            distinct |= {e.key for b in batches for e in b}
+            follow_ups = [[f for _, f in created[k]] for k in range(4)]
+    finally:
+        event.remove(db, "handle_error", seen)
+    assert not errors
+    assert "40P01" not in sqlstates, "batches deadlocked (PostgreSQL broke it)"
+    assert _scalar(db, "SELECT count(*) FROM processed_messages") == len(skus) + len(distinct)
     assert_verified(db)
 
 

@@ -67,3 +67,20 @@ def test_once_rules_fire_once_per_body_and_always_rules_every_time(
         assert len(os.listdir(tmp_path)) == 2
     finally:
         failpoints._configured.cache_clear()
+
+
+def test_a_sleep_does_not_hide_a_poison_in_the_same_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A buffered batch can join a slow-commit marker and a poison: both rules must fire.
+    monkeypatch.setenv(
+        "ORDERONCE_FAILPOINTS", "before_commit=sleep:0~FP-SL~once,before_commit=raise~POISON~always"
+    )
+    monkeypatch.setenv("ORDERONCE_FAILPOINTS_ONCE_DIR", str(tmp_path))
+    failpoints._configured.cache_clear()
+    try:
+        with pytest.raises(failpoints.FailpointError):
+            failpoints.failpoint("before_commit", b"FP-SL\nPOISON")
+        assert len(os.listdir(tmp_path)) == 1  # the sleep fired first
+    finally:
+        failpoints._configured.cache_clear()
