@@ -43,17 +43,21 @@ def _reject_constant(name: str) -> Any:
 
 
 def _depth(value: Any, limit: int) -> int:
-    stack = [(value, 1)]
-    deepest = 0
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
-        children = (
-            node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        )
-        stack.extend((child, depth + 1) for child in children)
+    """How deep the value nests, every value a level (``{"a": 1}`` is 2 deep); stops counting
+    past ``limit``. Level by level, keeping only the containers: most values are leaves."""
+    deepest, depth = 1, 1
+    level = [value] if isinstance(value, dict | list) else []
+    while level and deepest <= limit:
+        children: list[Any] = []
+        for node in level:
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, dict | list):
+                    children.append(child)
+                else:
+                    deepest = depth + 1
+        depth += 1
+        deepest = max(deepest, depth if children else deepest)
+        level = children
     return deepest
 
 
