@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Engine, text
 
 from schemas import CloudEvent, payload_hash
 from worker import dead_letters
-from worker.batch_effects import BatchEffects, BatchRace, Punt
+from worker.batch_effects import BatchEffects, BatchRace, Punt, json_rows
 from worker.exactly_once import Config, Kind, Outcome, Refusal, admit, with_db_retries
 from worker.failpoints import failpoint
 from worker.locks import BatchLocks
@@ -80,10 +80,8 @@ _CLAIM = text(
     "INSERT INTO processed_messages (source, event_id, event_type, subject, payload_hash,"
     " outcome, message_id)"
     " SELECT v.source, v.event_id, v.event_type, v.subject, v.payload_hash, 'applied',"
-    " v.message_id FROM unnest(CAST(:source AS text[]), CAST(:event_id AS text[]),"
-    " CAST(:event_type AS text[]), CAST(:subject AS text[]), CAST(:payload_hash AS text[]),"
-    " CAST(:message_id AS text[]))"
-    " AS v(source, event_id, event_type, subject, payload_hash, message_id)"
+    " v.message_id FROM json_to_recordset(CAST(:rows AS json)) AS v(source text,"
+    " event_id text, event_type text, subject text, payload_hash text, message_id text)"
     # As processed.claim: a tombstone says the event was processed before its row was pruned.
     " WHERE NOT EXISTS (SELECT 1 FROM processed_tombstones AS t"
     "   WHERE t.source = v.source AND t.event_id = v.event_id)"
@@ -271,12 +269,19 @@ def _claim(conn: Connection, firsts: list[_Entry]) -> set[Key]:
     rows = conn.execute(
         _CLAIM,
         {
-            "source": [e.event.source for e in firsts],
-            "event_id": [e.event.id for e in firsts],
-            "event_type": [e.event.type for e in firsts],
-            "subject": [getattr(e.event, "subject", None) for e in firsts],
-            "payload_hash": [e.digest for e in firsts],
-            "message_id": [e.message_id for e in firsts],
+            "rows": json_rows(
+                [
+                    {
+                        "source": e.event.source,
+                        "event_id": e.event.id,
+                        "event_type": e.event.type,
+                        "subject": getattr(e.event, "subject", None),
+                        "payload_hash": e.digest,
+                        "message_id": e.message_id,
+                    }
+                    for e in firsts
+                ]
+            )
         },
     )
     return {(source, event_id) for source, event_id in rows}
