@@ -236,7 +236,11 @@ class BatchEffects:
                 order = _order_from_row(r)
                 self._orders[order.order_id] = order
                 order.lines = {}
-            for order_id, sku, qty in conn.execute(_LINES, {"order_ids": follow_ups}):
+            # The lines of the orders locked above, not of every follow-up's order: an order
+            # that another batch commits between the two statements was not locked, and its
+            # events are too early here (found with batches running at the same time).
+            locked = sorted(self._orders)
+            for order_id, sku, qty in conn.execute(_LINES, {"order_ids": locked}):
                 lines = self._orders[order_id].lines
                 assert lines is not None
                 lines[sku] = int(qty)

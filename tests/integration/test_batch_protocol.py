@@ -240,10 +240,11 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
     # at once, each listing its events in its own order (forwards, backwards, shuffled):
     # new orders of customers of its own (so no customer lock makes them wait for each other
     # before the stock rows they all share), follow-ups of the orders another batch created
-    # the round before (orders to lock, stock to release), and copies of a third batch's
-    # events (processed rows claimed by two at once). A lock taken out of the fixed order
-    # would deadlock here; PostgreSQL would break it and the protocol retry it, so the test
-    # watches every database error, not only the outcome.
+    # the round before (orders to lock, stock to release) and of some that a third one is
+    # creating right now (committed, or not yet, between two of the batch's statements), and
+    # copies of a fourth batch's events (processed rows claimed by two at once). A lock taken
+    # out of the fixed order would deadlock here; PostgreSQL would break it and the protocol
+    # retry it, so the test watches every database error, not only the outcome.
     skus = [f"SKU-{i}" for i in range(5)]
     _batch([events.restock(sku, 10_000) for sku in skus], db, batch_locks)
     chosen = batch_locks if redis_locks else _no_redis_locks(settings)
@@ -270,6 +271,8 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
         for _round in range(4):
             created = [[new_order() for _ in range(12)] for _ in range(4)]
             own = [[c for c, _ in created[k]] + follow_ups[(k + 1) % 4] for k in range(4)]
+            for k in range(4):  # follow-ups of orders being created at the same moment
+                own[k] += [f for _, f in created[(k + 3) % 4][:4]]
             batches = []
             for k in range(4):
                 batch = own[k] + [e for e in own[(k + 2) % 4] if rng.random() < 0.3]
@@ -282,7 +285,7 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
             errors += failed
             _single_until_done(handed_back, db, locks)
             distinct |= {e.key for b in batches for e in b}
-            follow_ups = [[f for _, f in created[k]] for k in range(4)]
+            follow_ups = [[f for _, f in created[k][4:]] for k in range(4)]
     finally:
         event.remove(db, "handle_error", seen)
     assert not errors
