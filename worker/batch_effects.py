@@ -6,8 +6,8 @@ to an in-memory copy of the rows the batch touches, loaded and locked first, the
 in a handful of statements. Events are applied in batch order, each seeing the ones before it.
 
 Locks are taken in a fixed order so that concurrent batches (and single events) cannot
-deadlock: customers' advisory locks sorted by key, then orders sorted by id, then stock rows
-sorted by SKU; each kind in one statement.
+deadlock: advisory locks on customers and orders sorted by key, then order rows sorted by id,
+then stock rows sorted by SKU; each kind in one statement.
 
 What this module does not do, it hands back (``Punt``) for the single-event protocol to do
 later, under its own claim: anything about held orders (deferred follow-ups, releases),
@@ -68,11 +68,17 @@ class BatchRace(RuntimeError):
     is stale. Its transaction is rolled back and tried again."""
 
 
-_LOCK_CUSTOMERS = text(
-    # Sorted in a subquery, locked in the outer scan: the same order in every batch.
+# Transaction-scoped advisory locks, taken before any order or stock row: each customer with a
+# new order (as worker.orders takes it for one submission), and each order the batch creates
+# or follows up. The order's key makes a batch with a payment wait for the batch creating that
+# order at the same moment, and then see it, instead of finding it "too early" and handing the
+# payment to the single path; overlapping batches otherwise run side by side. All keys are
+# sorted by their hash, in one statement (sorted in a subquery, locked in the outer scan): the
+# same order in every batch, whatever collides.
+_LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(h) FROM"
-    " (SELECT hashtextextended('orderonce/customer/' || c, 0) AS h"
-    "  FROM unnest(CAST(:customers AS text[])) AS c ORDER BY h) AS sorted"
+    " (SELECT DISTINCT hashtextextended(k, 0) AS h"
+    "  FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS sorted"
 )
 _ORDER_COLUMNS = (
     "order_id, customer_id, status, total, currency, fingerprint, submitted_at,"
@@ -213,12 +219,14 @@ class BatchEffects:
             }
         )
         conn = self._conn
+        keys = {f"orderonce/customer/{e.data.customer_id}" for e in created}
+        keys |= {f"orderonce/order/{e.order_id}" for e in created}
+        keys |= {f"orderonce/order/{order_id}" for order_id in follow_ups}
+        if keys:
+            conn.execute(_LOCK_KEYS, {"keys": sorted(keys)})
         if created:
             for e in created:
                 self._fingerprints[e.key] = submissions.fingerprint(e.data)
-            conn.execute(
-                _LOCK_CUSTOMERS, {"customers": sorted({e.data.customer_id for e in created})}
-            )
             keyed = [e for e in created if e.idempotencykey]
             rows = conn.execute(
                 _PRIORS,

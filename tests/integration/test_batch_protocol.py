@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import Counter
 from decimal import Decimal
@@ -24,7 +25,7 @@ from schemas import CloudEvent
 from tests import events
 from tests.db import assert_verified
 from tests.servers import ServerUrls
-from worker import batch_effects, exactly_once, exactly_once_batch
+from worker import batch_effects, exactly_once, exactly_once_batch, failpoints
 from worker.errors import LockBusy, NotYetApplicable
 from worker.locks import BatchLocks, EventLocks, lock_client, lock_name
 
@@ -291,6 +292,31 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
     assert not errors
     assert "40P01" not in sqlstates, "batches deadlocked (PostgreSQL broke it)"
     assert _scalar(db, "SELECT count(*) FROM processed_messages") == len(skus) + len(distinct)
+    assert_verified(db)
+
+
+def test_a_follow_up_waits_for_the_batch_creating_its_order_at_that_moment(
+    db: Engine, batch_locks: BatchLocks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batch A creates the order and is slow to commit; batch B, started meanwhile, pays it.
+    # B waits for A on the order's key and applies the payment, instead of finding the order
+    # missing and handing the payment back as too early.
+    order = events.uid("ORD")
+    monkeypatch.setenv("ORDERONCE_FAILPOINTS", "before_commit=sleep:1.0~SLOW-COMMIT")
+    failpoints._configured.cache_clear()
+    try:
+        _batch([events.restock("SKU-A", 5)], db, batch_locks)
+        create = events.created(order, [("SKU-A", 1, "4.00")], customer="SLOW-COMMIT")
+        creating = threading.Thread(target=_batch, args=([create], db, batch_locks))
+        creating.start()
+        time.sleep(0.3)  # A is inside its transaction, sleeping before COMMIT
+        paying = _batch([events.paid(order, "4.00")], db, batch_locks)
+        creating.join()
+    finally:
+        failpoints._configured.cache_clear()
+    assert paying.handed_back == []
+    assert [o.kind for o in paying.outcomes] == ["applied"]
+    assert _scalar(db, "SELECT status FROM orders") == "paid"
     assert_verified(db)
 
 
