@@ -362,15 +362,21 @@ def _apply_batch(
     return apply_batch(bodies, message_id=task.request.id)
 
 
+_TRY_AGAIN = frozenset({"too_early", "lock_busy"})
+
+
 def apply_batch(
     bodies: list[bytes],
     *,
     message_id: str | None = None,
     message_ids: list[str | None] | None = None,
 ) -> tuple[list[exactly_once.Outcome], list[exactly_once_batch.HandedBack]]:
-    """The batch protocol, then, for the events that were too early, a few quick tries more:
-    what they wait for is usually a batch committing on another worker right now. Shared by
-    batch messages (``message_id``) and buffered consumption (``message_ids``, one per body)."""
+    """The batch protocol, then, for the events that were too early or whose lock another
+    worker held, a few quick tries more: what they wait for is usually a batch committing on
+    another worker right now (the order being created; a copy of the same event, which is a
+    duplicate here once that batch commits, instead of a single-path message with a retry).
+    Shared by batch messages (``message_id``) and buffered consumption (``message_ids``, one
+    per body)."""
     rt = runtime()
     positions = list(range(len(bodies)))
     outcomes: list[exactly_once.Outcome] = []
@@ -390,8 +396,8 @@ def apply_batch(
         outcomes += result.outcomes
         # An order's too-early events are all too early together (worker.batch_effects), so
         # trying them again apart from the rest keeps each order's events in order.
-        early = [h for h in result.handed_back if h.why == "too_early"]
-        elsewhere += [h for h in result.handed_back if h.why != "too_early"]
+        early = [h for h in result.handed_back if h.why in _TRY_AGAIN]
+        elsewhere += [h for h in result.handed_back if h.why not in _TRY_AGAIN]
         if not early or attempt == rt.settings.batch_too_early_retries:
             return outcomes, elsewhere + early
         bodies = [h.body for h in early]

@@ -44,6 +44,16 @@ def _no_redis_locks(settings: Settings) -> BatchLocks:
     return BatchLocks(lock_client("redis://127.0.0.1:1/0"), settings.lock_ttl_ms)
 
 
+@pytest.fixture(params=["redis-locks", "database-alone"])
+def racing_locks(
+    request: pytest.FixtureRequest, batch_locks: BatchLocks, settings: Settings
+) -> BatchLocks:
+    """Concurrent batches with Redis locks, and with the database alone (Redis unreachable)."""
+    if request.param == "redis-locks":
+        return batch_locks
+    return _no_redis_locks(settings)
+
+
 def _body(event: CloudEvent) -> bytes:
     return to_json(event).encode()
 
@@ -204,21 +214,15 @@ def test_a_redelivered_batch_is_all_duplicates(db: Engine, batch_locks: BatchLoc
     assert _scalar(db, "SELECT sum(on_hand) FROM inventory") == 10
 
 
-@pytest.mark.parametrize("redis_locks", [True, False], ids=["redis-locks", "database-alone"])
 def test_overlapping_concurrent_batches_apply_each_event_once(
-    db: Engine,
-    settings: Settings,
-    locks: EventLocks,
-    batch_locks: BatchLocks,
-    redis_locks: bool,
+    db: Engine, locks: EventLocks, racing_locks: BatchLocks
 ) -> None:
     skus = [f"SKU-{i}" for i in range(6)]
     shared = [events.restock(sku, 3) for sku in skus for _ in range(5)]
     batches = [list(shared) for _ in range(4)]
     for k, batch in enumerate(batches):  # each batch lists them in its own order
         batch.sort(key=lambda e, k=k: hash((e.id, k)))
-    chosen = batch_locks if redis_locks else _no_redis_locks(settings)
-    handed_back, errors = _all_at_once(batches, db, chosen)
+    handed_back, errors = _all_at_once(batches, db, racing_locks)
     assert not errors
     # Events whose lock another batch held were handed back; the single path settles them.
     _single_until_done(handed_back, db, locks)
@@ -229,13 +233,8 @@ def test_overlapping_concurrent_batches_apply_each_event_once(
     assert_verified(db)
 
 
-@pytest.mark.parametrize("redis_locks", [True, False], ids=["redis-locks", "database-alone"])
 def test_concurrent_batches_never_deadlock_nor_apply_twice(
-    db: Engine,
-    settings: Settings,
-    locks: EventLocks,
-    batch_locks: BatchLocks,
-    redis_locks: bool,
+    db: Engine, locks: EventLocks, batch_locks: BatchLocks, racing_locks: BatchLocks
 ) -> None:
     # Batches do not take turns: they overlap in the database. Each round, four batches run
     # at once, each listing its events in its own order (forwards, backwards, shuffled):
@@ -248,7 +247,6 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
     # retry it, so the test watches every database error, not only the outcome.
     skus = [f"SKU-{i}" for i in range(5)]
     _batch([events.restock(sku, 10_000) for sku in skus], db, batch_locks)
-    chosen = batch_locks if redis_locks else _no_redis_locks(settings)
     rng = random.Random(29)
     errors: list[BaseException] = []
     sqlstates: list[str | None] = []
@@ -282,7 +280,7 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
                 elif k > 1:
                     rng.shuffle(batch)
                 batches.append(batch)
-            handed_back, failed = _all_at_once(batches, db, chosen)
+            handed_back, failed = _all_at_once(batches, db, racing_locks)
             errors += failed
             _single_until_done(handed_back, db, locks)
             distinct |= {e.key for b in batches for e in b}
@@ -293,6 +291,12 @@ def test_concurrent_batches_never_deadlock_nor_apply_twice(
     assert "40P01" not in sqlstates, "batches deadlocked (PostgreSQL broke it)"
     assert _scalar(db, "SELECT count(*) FROM processed_messages") == len(skus) + len(distinct)
     assert_verified(db)
+
+
+_ADVISORY_HELD = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 
 
 def test_a_follow_up_waits_for_the_batch_creating_its_order_at_that_moment(
@@ -309,7 +313,10 @@ def test_a_follow_up_waits_for_the_batch_creating_its_order_at_that_moment(
         create = events.created(order, [("SKU-A", 1, "4.00")], customer="SLOW-COMMIT")
         creating = threading.Thread(target=_batch, args=([create], db, batch_locks))
         creating.start()
-        time.sleep(0.3)  # A is inside its transaction, sleeping before COMMIT
+        # Until A holds its keys (the customer's and the order's): then it sleeps before COMMIT.
+        deadline = time.monotonic() + 10
+        while _scalar(db, _ADVISORY_HELD) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         paying = _batch([events.paid(order, "4.00")], db, batch_locks)
         creating.join()
     finally:

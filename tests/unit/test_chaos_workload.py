@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -47,40 +48,41 @@ def test_hostile_bodies_fail_for_the_reason_their_kind_expects() -> None:
             assert orjson.loads(p.body)["idempotencykey"].startswith("conflict-")
 
 
-def test_once_rules_fire_once_per_body_and_always_rules_every_time(
+@pytest.fixture
+def failpoint_rules(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(
-        "ORDERONCE_FAILPOINTS", "before_commit=raise~FP-A~once,before_commit=raise~POISON~always"
-    )
-    monkeypatch.setenv("ORDERONCE_FAILPOINTS_ONCE_DIR", str(tmp_path))
-    failpoints._configured.cache_clear()
-    try:
-        for body in (b"1 FP-A", b"2 FP-A"):
-            with pytest.raises(failpoints.FailpointError):
-                failpoints.failpoint("before_commit", body)
-            failpoints.failpoint("before_commit", body)  # fired once for this body: passes
-        for _ in range(3):
-            with pytest.raises(failpoints.FailpointError):
-                failpoints.failpoint("before_commit", b"POISON")
-        failpoints.failpoint("before_commit", b"innocent")
-        assert len(os.listdir(tmp_path)) == 2
-    finally:
+) -> Iterator[Callable[[str], None]]:
+    """Sets ORDERONCE_FAILPOINTS (once-markers in tmp_path); the rules are forgotten after."""
+
+    def configure(spec: str) -> None:
+        monkeypatch.setenv("ORDERONCE_FAILPOINTS", spec)
+        monkeypatch.setenv("ORDERONCE_FAILPOINTS_ONCE_DIR", str(tmp_path))
         failpoints._configured.cache_clear()
+
+    yield configure
+    failpoints._configured.cache_clear()
+
+
+def test_once_rules_fire_once_per_body_and_always_rules_every_time(
+    tmp_path: Path, failpoint_rules: Callable[[str], None]
+) -> None:
+    failpoint_rules("before_commit=raise~FP-A~once,before_commit=raise~POISON~always")
+    for body in (b"1 FP-A", b"2 FP-A"):
+        with pytest.raises(failpoints.FailpointError):
+            failpoints.failpoint("before_commit", body)
+        failpoints.failpoint("before_commit", body)  # fired once for this body: passes
+    for _ in range(3):
+        with pytest.raises(failpoints.FailpointError):
+            failpoints.failpoint("before_commit", b"POISON")
+    failpoints.failpoint("before_commit", b"innocent")
+    assert len(os.listdir(tmp_path)) == 2
 
 
 def test_a_sleep_does_not_hide_a_poison_in_the_same_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, failpoint_rules: Callable[[str], None]
 ) -> None:
     # A buffered batch can join a slow-commit marker and a poison: both rules must fire.
-    monkeypatch.setenv(
-        "ORDERONCE_FAILPOINTS", "before_commit=sleep:0~FP-SL~once,before_commit=raise~POISON~always"
-    )
-    monkeypatch.setenv("ORDERONCE_FAILPOINTS_ONCE_DIR", str(tmp_path))
-    failpoints._configured.cache_clear()
-    try:
-        with pytest.raises(failpoints.FailpointError):
-            failpoints.failpoint("before_commit", b"FP-SL\nPOISON")
-        assert len(os.listdir(tmp_path)) == 1  # the sleep fired first
-    finally:
-        failpoints._configured.cache_clear()
+    failpoint_rules("before_commit=sleep:0~FP-SL~once,before_commit=raise~POISON~always")
+    with pytest.raises(failpoints.FailpointError):
+        failpoints.failpoint("before_commit", b"FP-SL\nPOISON")
+    assert len(os.listdir(tmp_path)) == 1  # the sleep fired first
