@@ -56,7 +56,8 @@ def _depth(value: Any, limit: int) -> int:
                 else:
                     deepest = depth + 1
         depth += 1
-        deepest = max(deepest, depth if children else deepest)
+        if children:
+            deepest = max(deepest, depth)
         level = children
     return deepest
 

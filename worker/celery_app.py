@@ -112,9 +112,13 @@ def _dead_letter(
     return {"outcome": "dead_lettered", "reason": reason}
 
 
+def _redelivered(task: Task) -> bool:
+    return bool((task.request.delivery_info or {}).get("redelivered"))
+
+
 def _came_back(task: Task) -> bool:
     """Redelivered, or a retry: a message whose runs are counted (``_killed_too_often``)."""
-    return bool((task.request.delivery_info or {}).get("redelivered")) or bool(_attempts(task))
+    return _redelivered(task) or bool(_attempts(task))
 
 
 def _killed_too_often(task: Task) -> int | None:
@@ -130,9 +134,8 @@ def _killed_too_often(task: Task) -> int | None:
     if not _came_back(task):
         return None
     rt = runtime()
-    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     deliveries = exactly_once.with_db_retries(rt.config.db_attempts)(
-        start_run, rt.engine, task.request.id, redelivered=redelivered
+        start_run, rt.engine, task.request.id, redelivered=_redelivered(task)
     )
     return deliveries if deliveries > rt.settings.poison_max_retries else None
 
