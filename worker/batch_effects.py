@@ -18,7 +18,7 @@ order. The batch protocol removes a handed-back event's claim before it commits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -84,25 +84,33 @@ _ORDER_COLUMNS = (
     "order_id, customer_id, status, total, currency, fingerprint, submitted_at,"
     " idempotency_source, idempotency_key, duplicate_of IS NOT NULL AS held"
 )
-# Three lookups, each on its own index. One WHERE with the three ORed together was planned
-# as a scan of every order: a batch got slower as the table grew (4 ms at 7,000 orders).
-_PRIORS = text(
-    f"SELECT {_ORDER_COLUMNS} FROM orders WHERE order_id = ANY(CAST(:order_ids AS text[]))"
-    f" UNION ALL SELECT {_ORDER_COLUMNS} FROM orders"
+# The orders a batch reads, in one statement (one round trip): its follow-ups' orders, locked
+# in order_id order with their lines, then the orders a new submission may repeat (priors,
+# not locked). Lines never change once their order is inserted (in the same transaction), so
+# a locked order's lines are those of the version the lock returns; an order committed after
+# this statement's snapshot is not returned at all: its events are too early here (found with
+# batches running at the same time). The priors are three lookups, each on its own index: one
+# WHERE with the three ORed together was planned as a scan of every order, and a batch got
+# slower as the table grew (4 ms at 7,000 orders).
+_PRIORS = (
+    f"SELECT {_ORDER_COLUMNS}, false AS locked, NULL::json AS lines FROM orders"
+    " WHERE order_id = ANY(CAST(:order_ids AS text[]))"
+    f" UNION ALL SELECT {_ORDER_COLUMNS}, false, NULL FROM orders"
     " WHERE (idempotency_source, idempotency_key) IN"
     "   (SELECT * FROM unnest(CAST(:key_sources AS text[]), CAST(:keys AS text[])))"
     "   AND idempotency_key IS NOT NULL"
-    f" UNION ALL SELECT {_ORDER_COLUMNS} FROM orders"
+    f" UNION ALL SELECT {_ORDER_COLUMNS}, false, NULL FROM orders"
     " WHERE customer_id = ANY(CAST(:customers AS text[]))"
     " AND fingerprint = ANY(CAST(:fingerprints AS text[]))"
 )
-_LOCK_ORDERS = text(
-    f"SELECT {_ORDER_COLUMNS} FROM orders"
-    " WHERE order_id = ANY(CAST(:order_ids AS text[])) ORDER BY order_id FOR UPDATE"
-)
-_LINES = text(
-    "SELECT order_id, sku, sum(quantity) FROM order_lines"
-    " WHERE order_id = ANY(CAST(:order_ids AS text[])) GROUP BY order_id, sku"
+_READ_ORDERS = text(
+    f"WITH locked AS (SELECT {_ORDER_COLUMNS}, true AS locked,"
+    "   (SELECT json_object_agg(sku, quantity) FROM"
+    "     (SELECT sku, sum(quantity) AS quantity FROM order_lines AS l"
+    "      WHERE l.order_id = o.order_id GROUP BY sku) AS by_sku) AS lines"
+    " FROM orders AS o WHERE order_id = ANY(CAST(:locked_ids AS text[]))"
+    " ORDER BY order_id FOR UPDATE OF o)"
+    f" SELECT * FROM locked UNION ALL {_PRIORS}"
 )
 _NEW_SKUS = text(
     "INSERT INTO inventory (sku, on_hand, reserved)"
@@ -161,7 +169,7 @@ _INSERT_LEDGER = (
 )
 
 
-def json_rows(rows: list[dict[str, object]]) -> str:
+def json_rows(rows: Sequence[Mapping[str, object]]) -> str:
     """Rows as one JSON parameter, for ``json_to_recordset``: one statement however many rows.
     (Arrays, one per column, cost more than the statement itself: psycopg adapts them in
     Python, element by element. Money goes as a string, never a float.)"""
@@ -226,13 +234,14 @@ class BatchEffects:
         keys |= {f"orderonce/order/{order_id}" for order_id in follow_ups}
         if keys:
             conn.execute(_LOCK_KEYS, {"keys": sorted(keys)})
-        if created:
-            for e in created:
-                self._fingerprints[e.key] = submissions.fingerprint(e.data)
+        for e in created:
+            self._fingerprints[e.key] = submissions.fingerprint(e.data)
+        if created or follow_ups:
             keyed = [e for e in created if e.idempotencykey]
             rows = conn.execute(
-                _PRIORS,
+                _READ_ORDERS,
                 {
+                    "locked_ids": follow_ups,
                     "order_ids": [e.order_id for e in created],
                     "key_sources": [e.source for e in keyed],
                     "keys": [e.idempotencykey for e in keyed],
@@ -240,20 +249,13 @@ class BatchEffects:
                     "fingerprints": list(self._fingerprints.values()),
                 },
             )
-            self._priors = [_order_from_row(r) for r in rows]
-        if follow_ups:
-            for r in conn.execute(_LOCK_ORDERS, {"order_ids": follow_ups}):
+            for r in rows:
                 order = _order_from_row(r)
-                self._orders[order.order_id] = order
-                order.lines = {}
-            # The lines of the orders locked above, not of every follow-up's order: an order
-            # that another batch commits between the two statements was not locked, and its
-            # events are too early here (found with batches running at the same time).
-            locked = sorted(self._orders)
-            for order_id, sku, qty in conn.execute(_LINES, {"order_ids": locked}):
-                lines = self._orders[order_id].lines
-                assert lines is not None
-                lines[sku] = int(qty)
+                if r.locked:
+                    order.lines = {sku: int(qty) for sku, qty in (r.lines or {}).items()}
+                    self._orders[order.order_id] = order
+                else:
+                    self._priors.append(order)
         skus: set[str] = set()
         restocked = {e.data.sku for e in events if isinstance(e, InventoryRestockedEvent)}
         skus |= restocked
@@ -431,12 +433,15 @@ class BatchEffects:
 
     # --- write back ----------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Write everything back in ONE statement: each write is a data-modifying CTE of it.
-        One round trip instead of six, and the stock rows (locked since ``load``, and what
-        concurrent batches wait for) are held that much less."""
-        writes: list[str] = []
+    def flush(self, also: Iterable[tuple[str, str, dict[str, object]]] = ()) -> None:
+        """Write everything back in ONE statement: each write is a data-modifying CTE of it,
+        with the caller's own writes (``also``: name, statement, parameters; rows apart from
+        these). One round trip instead of eight, and the stock rows (locked since ``load``,
+        and what concurrent batches wait for) are held that much less."""
+        writes: list[str] = [f"{name} AS ({sql})" for name, sql, _ in also]
         params: dict[str, object] = {}
+        for _, _, values in also:
+            params |= values
         new = [o for o in self._orders.values() if o.new]
         if new:
             rows = [

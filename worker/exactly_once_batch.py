@@ -88,16 +88,16 @@ _CLAIM = text(
     " ORDER BY v.source, v.event_id"
     " ON CONFLICT (source, event_id) DO NOTHING RETURNING source, event_id"
 )
-_UNCLAIM = text(
-    "DELETE FROM processed_messages WHERE (source, event_id) IN"
-    " (SELECT * FROM unnest(CAST(:source AS text[]), CAST(:event_id AS text[])))"
+# Written with the batch's effects, in their statement (BatchEffects.flush): a handed-back
+# event's claim removed, and each outcome other than a plain 'applied' stored on its row.
+_UNCLAIM = (
+    "DELETE FROM processed_messages AS p USING json_to_recordset(CAST(:unclaim AS json))"
+    " AS v(source text, event_id text) WHERE p.source = v.source AND p.event_id = v.event_id"
 )
-_OUTCOMES = text(
+_OUTCOMES = (
     "UPDATE processed_messages AS p SET outcome = v.outcome, reason = v.reason,"
-    " duplicate_of = v.duplicate_of"
-    " FROM unnest(CAST(:source AS text[]), CAST(:event_id AS text[]), CAST(:outcome AS text[]),"
-    " CAST(:reason AS text[]), CAST(:duplicate_of AS text[]))"
-    " AS v(source, event_id, outcome, reason, duplicate_of)"
+    " duplicate_of = v.duplicate_of FROM json_to_recordset(CAST(:outcomes AS json))"
+    " AS v(source text, event_id text, outcome text, reason text, duplicate_of text)"
     " WHERE p.source = v.source AND p.event_id = v.event_id"
 )
 # Every copy counted, as processed.count_duplicate counts one: a copy with its row's message id
@@ -238,16 +238,12 @@ def _in_transaction(
             unclaim.append(e)
         else:
             recorded.append((e, result))
-    effects.flush()
+    outcomes_now, also = _record_outcomes(recorded)
+    outcomes += outcomes_now
     if unclaim:
-        conn.execute(
-            _UNCLAIM,
-            {
-                "source": [e.event.source for e in unclaim],
-                "event_id": [e.event.id for e in unclaim],
-            },
-        )
-    outcomes += _record_outcomes(conn, recorded)
+        rows = [{"source": e.event.source, "event_id": e.event.id} for e in unclaim]
+        also.append(("unclaimed", _UNCLAIM, {"unclaim": json_rows(rows)}))
+    effects.flush(also)
 
     # Copies: of events that already had a row, and of events this batch applied. A copy of
     # a handed-back event goes back with it (the single path then finds it a duplicate).
@@ -287,11 +283,14 @@ def _claim(conn: Connection, firsts: list[_Entry]) -> set[Key]:
     return {(source, event_id) for source, event_id in rows}
 
 
-def _record_outcomes(conn: Connection, recorded: list[tuple[_Entry, Result]]) -> list[Outcome]:
-    """Store each result on its processed row (inserted as 'applied'), as exactly_once._record
-    does for one event; only rows that differ from the plain 'applied' are written."""
+def _record_outcomes(
+    recorded: list[tuple[_Entry, Result]],
+) -> tuple[list[Outcome], list[tuple[str, str, dict[str, object]]]]:
+    """Each result as an outcome, and the write that stores it on its processed row (inserted
+    as 'applied'), as exactly_once._record does for one event; only rows that differ from the
+    plain 'applied' are written."""
     outcomes: list[Outcome] = []
-    changes: list[tuple[str, str, str, str | None, str | None]] = []
+    changes: list[dict[str, object]] = []
     for e, result in recorded:
         ev = e.event
         order_id = getattr(ev, "subject", None)
@@ -308,23 +307,21 @@ def _record_outcomes(conn: Connection, recorded: list[tuple[_Entry, Result]]) ->
             case _:  # pragma: no cover  (conflicts are handed back)
                 raise AssertionError(f"unhandled result {result!r}")
         if kind != "applied" or why or of:
-            changes.append((ev.source, ev.id, kind, why, of))
+            changes.append(
+                {
+                    "source": ev.source,
+                    "event_id": ev.id,
+                    "outcome": kind,
+                    "reason": why,
+                    "duplicate_of": of,
+                }
+            )
         outcomes.append(
             Outcome(kind, ev.id, order_id, why, of, event_type=ev.type, event_time=ev.time)
         )
-    if changes:
-        sources, ids, kinds, reasons, originals = (list(c) for c in zip(*changes, strict=True))
-        conn.execute(
-            _OUTCOMES,
-            {
-                "source": sources,
-                "event_id": ids,
-                "outcome": kinds,
-                "reason": reasons,
-                "duplicate_of": originals,
-            },
-        )
-    return outcomes
+    if not changes:
+        return outcomes, []
+    return outcomes, [("outcomes", _OUTCOMES, {"outcomes": json_rows(changes)})]
 
 
 def _count_duplicates(

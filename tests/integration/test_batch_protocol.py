@@ -374,8 +374,9 @@ def test_the_batch_finds_prior_orders_through_indexes_not_a_scan(db: Engine) -> 
         conn.execute(text("ANALYZE orders"))
         plan = "\n".join(
             conn.execute(
-                text("EXPLAIN " + batch_effects._PRIORS.text),
+                text("EXPLAIN " + batch_effects._READ_ORDERS.text),
                 {
+                    "locked_ids": [f"NEW-{n}" for n in range(40, 60)],
                     "order_ids": [f"NEW-{n}" for n in range(40)],
                     "key_sources": ["test/checkout"] * 5,
                     "keys": [f"key-{n}" for n in range(5)],
