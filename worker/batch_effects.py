@@ -207,7 +207,11 @@ class BatchEffects:
         self._policy = policy
         self._window = window
         self._orders: dict[str, _Order] = {}  # locked (follow-ups) or created here
-        self._priors: list[_Order] = []  # orders a new submission may repeat (not locked)
+        self._priors: dict[str, _Order] = {}  # orders a new submission may repeat (not locked)
+        # Every order above by idempotency key and by (customer, fingerprint), in the order
+        # first seen: a submission's look-ups cost the same whatever the batch's size.
+        self._by_key: dict[tuple[str, str], dict[str, None]] = {}
+        self._by_fingerprint: dict[tuple[str, str | None], dict[str, None]] = {}
         self._stock: dict[str, domain.Stock] = {}
         self._stock_before: dict[str, domain.Stock] = {}
         # Orders with an event handed back, and why: their later events follow it there.
@@ -255,7 +259,8 @@ class BatchEffects:
                     order.lines = {sku: int(qty) for sku, qty in (r.lines or {}).items()}
                     self._orders[order.order_id] = order
                 else:
-                    self._priors.append(order)
+                    self._priors[order.order_id] = order
+                self._index(order)
         skus: set[str] = set()
         restocked = {e.data.sku for e in events if isinstance(e, InventoryRestockedEvent)}
         skus |= restocked
@@ -287,6 +292,18 @@ class BatchEffects:
         self._tainted.setdefault(order_id, why)
         return Punt(why, reason)
 
+    def _index(self, order: _Order) -> None:
+        if order.idempotency is not None:
+            self._by_key.setdefault(order.idempotency, {})[order.order_id] = None
+        by_fingerprint = self._by_fingerprint.setdefault((order.customer_id, order.fingerprint), {})
+        by_fingerprint[order.order_id] = None
+
+    def _current(self, order_ids: Iterable[str]) -> list[_Order]:
+        """These orders as this batch knows them: its locked or new copy wins over the prior
+        read without a lock (it is up to date)."""
+        found = (self._orders.get(i) or self._priors.get(i) for i in order_ids)
+        return [o for o in found if o is not None]
+
     def _prior(self, match: Iterable[_Order]) -> submissions.Prior | None:
         found = next(iter(match), None)
         return submissions.Prior(found.order_id, found.fingerprint) if found else None
@@ -294,17 +311,13 @@ class BatchEffects:
     def _create(self, event: OrderCreatedEvent) -> Result | Punt:
         data = event.data
         digest = self._fingerprints[event.key]
-        # The locked or new copy of an order wins over its unlocked prior: it is up to date.
-        known = list(({o.order_id: o for o in self._priors} | self._orders).values())
         key = (event.source, event.idempotencykey) if event.idempotencykey else None
         since, until = event.time - self._window, event.time + self._window
         similar = sorted(
             (
                 o
-                for o in known
+                for o in self._current(self._by_fingerprint.get((data.customer_id, digest), ()))
                 if self._policy != "allow"
-                and o.customer_id == data.customer_id
-                and o.fingerprint == digest
                 and o.status not in (domain.Status.CANCELLED, domain.Status.REJECTED)
                 and o.order_id != event.order_id
                 and o.submitted_at is not None
@@ -314,8 +327,8 @@ class BatchEffects:
         )
         verdict = submissions.judge(
             digest,
-            same_key=self._prior(o for o in known if key is not None and o.idempotency == key),
-            same_order_id=self._prior(o for o in known if o.order_id == event.order_id),
+            same_key=self._prior(self._current(self._by_key.get(key, ()) if key else ())),
+            same_order_id=self._prior(self._current([event.order_id])),
             similar=self._prior(similar),
             policy=self._policy,
         )
@@ -368,6 +381,7 @@ class BatchEffects:
             "duplicate_of": hold_of,
         }
         self._orders[event.order_id] = order
+        self._index(order)
         self._lines += orders.line_rows(event)
         if hold_of:
             return result
