@@ -66,9 +66,9 @@ class Settings(BaseSettings):
     batch_max_events: int = 1000
     # Events of a batch too early for it (their order is being created by a batch still in
     # flight on another worker, most often), or whose lock another worker holds (a copy in
-    # that worker's batch, most often), are tried again this many times within the task, a
-    # few tens of milliseconds apart, before they go to the single-event path's backoff.
-    batch_too_early_retries: int = 3
+    # that worker's batch, most often), are tried again this many times within the task (at
+    # once, then 10, 20, 40, 80 ms apart) before they go to the single-event path's backoff.
+    batch_too_early_retries: int = 5
     # Buffered consumption (worker/buffered.py), off at 0: a worker (``--pool solo``) takes up
     # to this many single-event messages at a time (its prefetch), or what arrived while it
     # waited after the first, and applies them with the batch protocol in one transaction,
