@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import Connection, delete, func, select, text, update
+from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 
 from schemas.events import CloudEvent, OrderCreatedEvent, OrderEvent
@@ -23,16 +23,61 @@ from worker.tables import deferred_events, ledger_entries, order_lines, orders
 
 _o = orders.c
 
+# Built once (worker/processed.py says why).
+_CUSTOMER_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
+_ORDER_COLUMNS = (
+    "order_id",
+    "customer_id",
+    "currency",
+    "total",
+    "status",
+    "status_reason",
+    "created_by_source",
+    "created_by_event",
+    "idempotency_source",
+    "idempotency_key",
+    "fingerprint",
+    "submitted_at",
+    "duplicate_of",
+)
+# Any unique violation (order id, idempotency key) means someone else's submission won.
+_INSERT_ORDER = (
+    insert(orders)
+    .values({name: bindparam(name) for name in _ORDER_COLUMNS})
+    .on_conflict_do_nothing()
+    .returning(_o.order_id)
+)
+_INSERT_LINES = order_lines.insert()
+_INSERT_LEDGER = ledger_entries.insert()
+_SET_STATUS = (
+    update(orders)
+    .where(_o.order_id == bindparam("key_order_id"))
+    .values(
+        status=bindparam("status"),
+        status_reason=bindparam("status_reason"),
+        version=_o.version + 1,
+        updated_at=func.now(),
+    )
+)
+_LOAD = (
+    select(_o.status, _o.total, _o.currency, _o.duplicate_of.is_not(None))
+    .where(_o.order_id == bindparam("order_id"))
+    .with_for_update()
+)
+_QUANTITIES = (
+    select(order_lines.c.sku, func.sum(order_lines.c.quantity))
+    .where(order_lines.c.order_id == bindparam("order_id"))
+    .group_by(order_lines.c.sku)
+    .order_by(order_lines.c.sku)
+)
+
 
 def create_order(
     conn: Connection, event: OrderCreatedEvent, *, policy: submissions.Policy, window: timedelta
 ) -> Result:
     data = event.data
     digest = submissions.fingerprint(data)
-    conn.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-        {"k": f"orderonce/customer/{data.customer_id}"},
-    )
+    conn.execute(_CUSTOMER_LOCK, {"k": f"orderonce/customer/{data.customer_id}"})
     # Twice at most: if a concurrent submission with the same key or order id (possibly of
     # another customer, so not under our lock) wins the insert, judging again sees it.
     for _ in range(2):
@@ -105,29 +150,26 @@ def _insert_order(
 ) -> bool:
     data = event.data
     inserted = conn.execute(
-        insert(orders)
-        .values(
-            order_id=event.order_id,
-            customer_id=data.customer_id,
-            currency=data.currency,
-            total=data.total,
-            status=domain.Status.ON_HOLD if hold_of else domain.Status.CREATED,
-            status_reason=f"suspected_duplicate: same order as {hold_of}" if hold_of else None,
-            created_by_source=event.source,
-            created_by_event=event.id,
-            idempotency_source=event.source if event.idempotencykey else None,
-            idempotency_key=event.idempotencykey,
-            fingerprint=digest,
-            submitted_at=event.time,
-            duplicate_of=hold_of,
-        )
-        # Any unique violation (order id, idempotency key) means someone else's submission won.
-        .on_conflict_do_nothing()
-        .returning(_o.order_id)
+        _INSERT_ORDER,
+        {
+            "order_id": event.order_id,
+            "customer_id": data.customer_id,
+            "currency": data.currency,
+            "total": data.total,
+            "status": domain.Status.ON_HOLD if hold_of else domain.Status.CREATED,
+            "status_reason": f"suspected_duplicate: same order as {hold_of}" if hold_of else None,
+            "created_by_source": event.source,
+            "created_by_event": event.id,
+            "idempotency_source": event.source if event.idempotencykey else None,
+            "idempotency_key": event.idempotencykey,
+            "fingerprint": digest,
+            "submitted_at": event.time,
+            "duplicate_of": hold_of,
+        },
     ).first()
     if inserted is None:
         return False
-    conn.execute(order_lines.insert(), line_rows(event))
+    conn.execute(_INSERT_LINES, line_rows(event))
     return True
 
 
@@ -145,21 +187,13 @@ def _accept(conn: Connection, event: OrderCreatedEvent, hold_of: str | None) -> 
 def _set_status(
     conn: Connection, order_id: str, status: domain.Status, reason: str | None = None
 ) -> None:
-    conn.execute(
-        update(orders)
-        .where(_o.order_id == order_id)
-        .values(status=status, status_reason=reason, version=_o.version + 1, updated_at=func.now())
-    )
+    conn.execute(_SET_STATUS, {"key_order_id": order_id, "status": status, "status_reason": reason})
 
 
 def _load(conn: Connection, order_id: str) -> tuple[domain.Order | None, bool]:
     """The order, locked, and whether it was ever held (only then can it have deferred events:
     an order is created on hold exactly when it is linked to its original)."""
-    row = conn.execute(
-        select(_o.status, _o.total, _o.currency, _o.duplicate_of.is_not(None))
-        .where(_o.order_id == order_id)
-        .with_for_update()
-    ).first()
+    row = conn.execute(_LOAD, {"order_id": order_id}).first()
     if row is None:
         return None, False
     return domain.Order(order_id, domain.Status(row[0]), row[1], row[2]), bool(row[3])
@@ -210,7 +244,7 @@ def _apply(
     _set_status(conn, order_id, status, reason)
     if decision.legs:
         conn.execute(
-            ledger_entries.insert(),
+            _INSERT_LEDGER,
             [
                 {
                     "source": event.source,
@@ -228,12 +262,7 @@ def _apply(
 
 
 def _ordered_quantities(conn: Connection, order_id: str) -> dict[str, int]:
-    rows = conn.execute(
-        select(order_lines.c.sku, func.sum(order_lines.c.quantity))
-        .where(order_lines.c.order_id == order_id)
-        .group_by(order_lines.c.sku)
-        .order_by(order_lines.c.sku)
-    )
+    rows = conn.execute(_QUANTITIES, {"order_id": order_id})
     return {sku: int(qty) for sku, qty in rows}
 
 

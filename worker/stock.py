@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sqlalchemy import Connection, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Connection, Text, any_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from schemas.events import CloudEvent
 from worker import domain
@@ -17,6 +17,23 @@ from worker.tables import inventory, inventory_movements
 
 # kind: (on_hand sign, reserved sign)
 MOVES = {"restock": (1, 0), "reserve": (0, 1), "release": (0, -1), "ship": (-1, -1)}
+
+# Built once (worker/processed.py says why).
+_LOCK = (
+    select(inventory.c.sku, inventory.c.on_hand, inventory.c.reserved)
+    .where(inventory.c.sku == any_(bindparam("skus", type_=ARRAY(Text))))
+    .order_by(inventory.c.sku)
+    .with_for_update()
+)
+_MOVE = (
+    update(inventory)
+    .where(inventory.c.sku == bindparam("key_sku"))
+    .values(
+        on_hand=inventory.c.on_hand + bindparam("on_hand_delta"),
+        reserved=inventory.c.reserved + bindparam("reserved_delta"),
+    )
+)
+_INSERT_MOVEMENTS = inventory_movements.insert()
 
 
 def restock(conn: Connection, event: CloudEvent, sku: str, quantity: int) -> None:
@@ -31,12 +48,7 @@ def restock(conn: Connection, event: CloudEvent, sku: str, quantity: int) -> Non
 
 
 def lock(conn: Connection, skus: list[str]) -> dict[str, domain.Stock]:
-    rows = conn.execute(
-        select(inventory.c.sku, inventory.c.on_hand, inventory.c.reserved)
-        .where(inventory.c.sku.in_(skus))
-        .order_by(inventory.c.sku)
-        .with_for_update()
-    )
+    rows = conn.execute(_LOCK, {"skus": skus})
     return {r.sku: domain.Stock(r.on_hand, r.reserved) for r in rows}
 
 
@@ -58,12 +70,12 @@ def move(
     # which is the order every other path locks in.
     for sku, qty in sorted(quantities.items()):
         conn.execute(
-            update(inventory)
-            .where(inventory.c.sku == sku)
-            .values(
-                on_hand=inventory.c.on_hand + on_hand_sign * qty,
-                reserved=inventory.c.reserved + reserved_sign * qty,
-            )
+            _MOVE,
+            {
+                "key_sku": sku,
+                "on_hand_delta": on_hand_sign * qty,
+                "reserved_delta": reserved_sign * qty,
+            },
         )
     _record(conn, event, kind, quantities, order_id)
 
@@ -76,7 +88,7 @@ def _record(
     order_id: str | None,
 ) -> None:
     conn.execute(
-        inventory_movements.insert(),
+        _INSERT_MOVEMENTS,
         [movement_row(event, kind, sku, qty, order_id) for sku, qty in quantities.items()],
     )
 
