@@ -367,19 +367,7 @@ class BatchEffects:
             status_reason=reason,
             new=True,
         )
-        order.row = {
-            "order_id": event.order_id,
-            "customer_id": data.customer_id,
-            "currency": data.currency,
-            "total": data.total,
-            "created_by_source": event.source,
-            "created_by_event": event.id,
-            "idempotency_source": event.source if event.idempotencykey else None,
-            "idempotency_key": event.idempotencykey,
-            "fingerprint": digest,
-            "submitted_at": event.time,
-            "duplicate_of": hold_of,
-        }
+        order.row = orders.order_row(event, digest, hold_of)  # status: set at flush
         self._orders[event.order_id] = order
         self._index(order)
         self._lines += orders.line_rows(event)

@@ -148,25 +148,7 @@ def find_priors(
 def _insert_order(
     conn: Connection, event: OrderCreatedEvent, digest: str, hold_of: str | None
 ) -> bool:
-    data = event.data
-    inserted = conn.execute(
-        _INSERT_ORDER,
-        {
-            "order_id": event.order_id,
-            "customer_id": data.customer_id,
-            "currency": data.currency,
-            "total": data.total,
-            "status": domain.Status.ON_HOLD if hold_of else domain.Status.CREATED,
-            "status_reason": f"suspected_duplicate: same order as {hold_of}" if hold_of else None,
-            "created_by_source": event.source,
-            "created_by_event": event.id,
-            "idempotency_source": event.source if event.idempotencykey else None,
-            "idempotency_key": event.idempotencykey,
-            "fingerprint": digest,
-            "submitted_at": event.time,
-            "duplicate_of": hold_of,
-        },
-    ).first()
+    inserted = conn.execute(_INSERT_ORDER, order_row(event, digest, hold_of)).first()
     if inserted is None:
         return False
     conn.execute(_INSERT_LINES, line_rows(event))
@@ -302,6 +284,27 @@ def _apply_deferred(conn: Connection, order_id: str) -> None:
             )
             progress = True
             break  # the order changed: decide the rest against its new state
+
+
+def order_row(event: OrderCreatedEvent, digest: str, hold_of: str | None) -> dict[str, object]:
+    """The orders row of a new order (one path and batch mode alike), on hold when it may
+    repeat ``hold_of``."""
+    data = event.data
+    return {
+        "order_id": event.order_id,
+        "customer_id": data.customer_id,
+        "currency": data.currency,
+        "total": data.total,
+        "status": domain.Status.ON_HOLD if hold_of else domain.Status.CREATED,
+        "status_reason": f"suspected_duplicate: same order as {hold_of}" if hold_of else None,
+        "created_by_source": event.source,
+        "created_by_event": event.id,
+        "idempotency_source": event.source if event.idempotencykey else None,
+        "idempotency_key": event.idempotencykey,
+        "fingerprint": digest,
+        "submitted_at": event.time,
+        "duplicate_of": hold_of,
+    }
 
 
 def line_rows(event: OrderCreatedEvent) -> list[dict[str, object]]:
