@@ -13,6 +13,12 @@ def scalar(db: Engine, sql: str, **params: object) -> int:
         return int(conn.execute(text(sql), params).scalar_one() or 0)
 
 
+def rows(db: Engine, sql: str, **params: object) -> list[tuple[object, ...]]:
+    """Every row of a query, as tuples (for failure messages)."""
+    with db.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(sql), params)]
+
+
 def assert_verified(db: Engine) -> None:
     """Every check of `orderonce verify` holds."""
     with db.connect() as conn:

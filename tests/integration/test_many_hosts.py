@@ -22,7 +22,7 @@ from orderonce.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
-from tests.db import scalar
+from tests.db import rows, scalar
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
@@ -124,16 +124,35 @@ def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
 
     unique = len(stream) + 1
     producer_copies = len(copies) - len(stream)
-    wait_until(
-        lambda: (
-            scalar(db, "SELECT count(*) FROM processed_messages") == unique
-            and scalar(db, "SELECT sum(duplicates) - sum(redeliveries) FROM processed_messages")
-            >= producer_copies
-            and scalar(db, "SELECT count(*) FROM orders WHERE status = 'paid'") == ORDERS
-        ),
-        120,
-        "host B to finish the stream, host A's unacknowledged messages included",
-    )
+
+    def progress() -> tuple[int, int, int]:
+        return (
+            scalar(db, "SELECT count(*) FROM processed_messages"),
+            scalar(db, "SELECT sum(duplicates) - sum(redeliveries) FROM processed_messages"),
+            scalar(db, "SELECT count(*) FROM orders WHERE status = 'paid'"),
+        )
+
+    def finished() -> bool:
+        processed, counted, paid = progress()
+        return processed == unique and counted >= producer_copies and paid == ORDERS
+
+    try:
+        wait_until(
+            finished,
+            120,
+            "host B to finish the stream, host A's unacknowledged messages included",
+        )
+    except AssertionError as exc:
+        # Say where it stopped: which count fell short, and what the events came to.
+        outcomes = rows(
+            db,
+            "SELECT outcome, coalesce(reason, ''), count(*) FROM processed_messages GROUP BY 1, 2",
+        )
+        raise AssertionError(
+            f"{exc}: processed, copies counted, paid = {progress()} of"
+            f" {(unique, producer_copies, ORDERS)}; outcomes {outcomes};"
+            f" dead letters {rows(db, 'SELECT reason, count(*) FROM dead_letters GROUP BY 1')}"
+        ) from None
 
     assert not host_a.alive() and host_b.alive()
     assert done_by_a >= 10 and _outcomes(host_b) > 5, "both hosts did part of the work"
