@@ -109,6 +109,14 @@ def _amqp_conf(settings: Settings) -> dict[str, Any]:
     }
 
 
+# kombu runs each scan for dead workers' messages under a Redis mutex that expires after this
+# long. A worker killed during its scan leaves the mutex behind, and until it expires no worker
+# gives any message back: kombu's default of 300 s added five minutes to every take-over that
+# followed such a kill. A scan takes milliseconds; two scans that overlap are harmless (each
+# message is given back in a WATCH transaction, once).
+RESTORE_MUTEX_EXPIRE_S = 10
+
+
 def _redis_conf(settings: Settings) -> dict[str, Any]:
     return {
         "broker_transport_options": {
@@ -117,6 +125,7 @@ def _redis_conf(settings: Settings) -> dict[str, Any]:
             # every 100 s), so a redelivery comes within visibility timeout + this interval.
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": RESTORE_MUTEX_EXPIRE_S,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },
