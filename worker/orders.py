@@ -25,28 +25,9 @@ _o = orders.c
 
 # Built once (worker/processed.py says why).
 _CUSTOMER_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
-_ORDER_COLUMNS = (
-    "order_id",
-    "customer_id",
-    "currency",
-    "total",
-    "status",
-    "status_reason",
-    "created_by_source",
-    "created_by_event",
-    "idempotency_source",
-    "idempotency_key",
-    "fingerprint",
-    "submitted_at",
-    "duplicate_of",
-)
-# Any unique violation (order id, idempotency key) means someone else's submission won.
-_INSERT_ORDER = (
-    insert(orders)
-    .values({name: bindparam(name) for name in _ORDER_COLUMNS})
-    .on_conflict_do_nothing()
-    .returning(_o.order_id)
-)
+# Any unique violation (order id, idempotency key) means someone else's submission won. The
+# columns are those of ``order_row``.
+_INSERT_ORDER = insert(orders).on_conflict_do_nothing().returning(_o.order_id)
 _INSERT_LINES = order_lines.insert()
 _INSERT_LEDGER = ledger_entries.insert()
 _SET_STATUS = (
