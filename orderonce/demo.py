@@ -51,6 +51,8 @@ TIMINGS = {
     "too_early_max_retries": 60,
     "relay_resend_after_s": 15,
 }
+# How long a killed worker's messages take to come back (visibility timeout, then a scan).
+REDELIVERY_S = TIMINGS["visibility_timeout_s"] + 2 * TIMINGS["restore_interval_s"] + 5
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Progress:
     published: int = 0
     total: int = 0
     chaos: list[str] = field(default_factory=list)
+    kills: int = 0
     done_publishing: bool = False
 
 
@@ -159,6 +162,7 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
         sender = threading.Thread(target=publish_all, daemon=True)
         sender.start()
         killed = not opts.chaos
+        all_settled = 0.0  # when every event had its outcome
         deadline = time.monotonic() + opts.drain_timeout_s
         live = Live(console=console, refresh_per_second=8, transient=False) if show_live else None
         if live:
@@ -176,14 +180,20 @@ def run(opts: Options, console: Console, *, show_live: bool = True) -> dict[str,
                     )
                     workers[0] = victim.restarted()
                     killed = True
+                    progress.kills += 1
                 if live:
                     live.update(_live_view(progress, counts, stream, workers))
-                if (
-                    progress.done_publishing
-                    and settled >= stream.unique_events
-                    and counts["duplicates"] - counts["redeliveries"] >= stream.producer_retries
-                ):
-                    break
+                if progress.done_publishing and settled >= stream.unique_events:
+                    copies = counts["duplicates"] - counts["redeliveries"]
+                    if copies >= stream.producer_retries:
+                        break
+                    # A copy Redis handed to the killed worker just before the kill, which it
+                    # had not yet recorded as unacknowledged, went with it (kombu's Redis
+                    # transport); its event took effect anyway. Wait as long as a redelivery
+                    # takes, then stop waiting for it.
+                    all_settled = all_settled or time.monotonic()
+                    if progress.kills and time.monotonic() - all_settled > REDELIVERY_S:
+                        break
                 if time.monotonic() > deadline:
                     progress.chaos.append("[red]gave up waiting for the run to settle[/]")
                     break
@@ -256,6 +266,7 @@ def _report(
         or "rejected" in (status.get(twin), status.get(first))
         for twin, first in stream.double_clicks
     )
+    copies = counts["duplicates"] - counts["redeliveries"]
     run_checks = [
         reports.Check(
             "every_event_settled",
@@ -265,12 +276,17 @@ def _report(
         ),
         reports.Check(
             "every_copy_suppressed",
-            stream.producer_retries
-            <= counts["duplicates"] - counts["redeliveries"]
-            <= stream.producer_retries + resent,
-            f"{counts['duplicates'] - counts['redeliveries']:,} duplicate copies recognised for "
-            f"{stream.producer_retries:,} published"
-            + (f" and {resent:,} sent again by the relay" if resent else ""),
+            # Each killed worker may take one message with it: the one Redis popped for it
+            # (one per BRPOP) and that it had not yet recorded as unacknowledged.
+            stream.producer_retries - progress.kills <= copies <= stream.producer_retries + resent,
+            f"{copies:,} duplicate copies recognised for {stream.producer_retries:,} published"
+            + (f" and {resent:,} sent again by the relay" if resent else "")
+            + (
+                f"; {stream.producer_retries - copies} never delivered: lost by Redis with the"
+                " SIGKILLed worker, its event applied once all the same"
+                if copies < stream.producer_retries
+                else ""
+            ),
         ),
         reports.Check(
             "checkout_retries_caught",
