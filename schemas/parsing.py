@@ -78,7 +78,21 @@ def strict_json(body: bytes) -> Any:
         raise BadEvent("malformed_json", str(exc)[:500]) from None
     if _depth(value, MAX_DEPTH) > MAX_DEPTH:
         raise BadEvent("malformed_json", f"nesting deeper than {MAX_DEPTH} levels")
+    # JSON may escape NUL (\u0000); PostgreSQL text cannot store it, so no event may hold one.
+    # The substring test is a cheap filter; the walk decides.
+    if "\\u0000" in text and _holds_nul(value):
+        raise BadEvent("malformed_json", "a string holds NUL (\\u0000), which cannot be stored")
     return value
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

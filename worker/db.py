@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from orderonce.config import Settings
 
@@ -40,6 +40,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     sqlstate = getattr(exc.orig, "sqlstate", None)
     if sqlstate is None:
-        # No SQLSTATE: the driver never got an answer (connection refused, reset, closed).
-        return True
+        # No SQLSTATE: the driver never got an answer (connection refused, reset, closed), or
+        # refused the statement itself (a DataError such as a NUL in a text parameter), which
+        # no retry can change.
+        return isinstance(exc, OperationalError | InterfaceError)
     return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")

@@ -31,12 +31,12 @@ def record(
     stmt = insert(dead_letters).values(
         body_sha256=hashlib.sha256(body).hexdigest(),
         reason=reason,
-        detail=detail[:4000],
-        source=source,
-        event_id=event_id,
-        event_type=event_type,
-        subject=subject,
-        body=kept.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
+        detail=_text(detail[:4000]),
+        source=_text(source),
+        event_id=_text(event_id),
+        event_type=_text(event_type),
+        subject=_text(subject),
+        body=_text(kept.decode("utf-8", errors="replace")),
         body_size=len(body),
         body_truncated=int(len(kept) < len(body)),
     )
@@ -57,6 +57,12 @@ def record(
         detail[:200],
         extra={"event_id": event_id, "order_id": subject, "outcome": "dead_lettered"},
     )
+
+
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; hostile input can (a key named "\\u0000" ends up in the
+    parser's detail). The row must be written whatever the input held."""
+    return value.replace("\x00", "\ufffd") if value is not None else None
 
 
 def record_now(engine: Engine, body: bytes, reason: str, detail: str, **ids: str | None) -> None:

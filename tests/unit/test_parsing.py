@@ -21,7 +21,7 @@ from schemas.events import (
     OrderReleasedEvent,
     OrderShippedEvent,
 )
-from schemas.parsing import BadEvent, canonical_json, parse_event, payload_hash
+from schemas.parsing import BadEvent, canonical_json, parse_event, payload_hash, strict_json
 
 ENVELOPE: dict[str, Any] = {
     "specversion": "1.0",
@@ -537,3 +537,25 @@ def test_mutated_events_never_raise_anything_but_bad_event(
     for key in drop:
         raw.pop(key, None)
     _parses_or_bad_event(encode(raw))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda e: e.update(subject="ORD-1\x00"),  # a field the database stores
+        lambda e: e["data"].update(note="\x00"),  # anywhere, even where the schema refuses
+        lambda e: e.update({"x\x00": 1}),  # a key: the parser's detail would carry it
+    ],
+)
+def test_a_nul_anywhere_is_refused_before_it_reaches_the_database(mutate: Any) -> None:
+    # PostgreSQL text cannot hold NUL: a body with one used to fail every insert, its dead
+    # letter included, and was retried forever as "database unavailable" (found by the fuzz
+    # test of a real worker).
+    event = sample("order.paid")
+    mutate(event)
+    assert reason_of(encode(event)) == "malformed_json"
+
+
+def test_a_backslash_before_u0000_is_not_a_nul() -> None:
+    # The six characters \u0000, as text, are storable.
+    assert strict_json(json.dumps({"a": "x\\u0000"}).encode()) == {"a": "x\\u0000"}
