@@ -88,7 +88,10 @@ class Cluster:
             children = [(w, c) for w in live for c in w.children()]
             if children:
                 owner, pid = rng.choice(children)
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    return  # it exited between the listing and the kill: nothing to kill
                 note(f"kill_child {owner.name} pid {pid}")
         elif fault == "pause" and live:
             victim = rng.choice(live)
