@@ -73,7 +73,7 @@ import psycopg
 import redis
 from sqlalchemy import Engine, event, make_url, text
 
-from bench import noop_app
+from bench import batch_ceiling, cpu, noop_app
 from orderonce.broker import make_celery
 from orderonce.config import Settings, resolve
 from orderonce.demo import _count_run
@@ -556,6 +556,7 @@ def orderonce_batch(
     publisher = Publisher(redis_url, defaults)
     tag = uuid.uuid4().hex[:6].upper()
     drain = _stream(f"D{tag}", opts.batch_events, seed)
+    postmaster = cpu.postmaster(database_url)
     for chunk in _batches([p.body for p in drain.publications], opts.batch_size):
         publisher.publish_raw_batch(chunk)
     r.rename(QUEUE, _stash(QUEUE))
@@ -571,10 +572,15 @@ def orderonce_batch(
         wait_until(lambda: _handled(engine, drain) >= len(drain.restocks), 60, "the restocks", 0.05)
         target = len(drain.restocks) + len(drain.publications)
         before = _redis_calls(r)
+        pids = [w.proc.pid for w in workers]
+        cpu_before = cpu.read(pids, postmaster, r)
         started = time.perf_counter()
         r.rename(_stash(QUEUE), QUEUE)
         wait_until(lambda: _handled(engine, drain) >= target, DRAIN_TIMEOUT_S, "the drain", 0.1)
         seconds = time.perf_counter() - started
+        cpu_split = cpu.per_event(
+            cpu_before, cpu.read(pids, postmaster, r), len(drain.publications)
+        )
         redis_per_event = _per_event(before, _redis_calls(r), len(drain.publications))
         rate = 0.5 * len(drain.publications) / seconds
 
@@ -638,6 +644,7 @@ def orderonce_batch(
             "with_commit_time": len(to_commit),
         },
         "redis_commands_per_event": redis_per_event,
+        "cpu_us_per_event": cpu_split,
         "rss_mib": rss,
     }
 
@@ -839,6 +846,11 @@ def _median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return _median(known) if len(known) == len(values) and known else None
+
+
 def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for n in workers:
@@ -885,6 +897,21 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
                 "max_rss_mib": max(max(r["orderonce_batch"]["rss_mib"]) for r in at),
                 "verify_ok": all(r["orderonce_batch"]["verify_ok"] for r in at),
             },
+            "batch_db_ceiling": {
+                "events_per_s": med("batch_db_ceiling", "events_per_s"),
+                "events_per_s_range": spread("batch_db_ceiling", "events_per_s"),
+                "p50_ms": med("batch_db_ceiling", "batch_p50_ms"),
+                "p99_ms": med("batch_db_ceiling", "batch_p99_ms"),
+                "server_cpu_us_per_event": _median_or_none(
+                    [r["batch_db_ceiling"]["server_cpu_us_per_event"] for r in at]
+                ),
+            },
+            "batch_cpu_us_per_event": {
+                whose: _median_or_none(
+                    [r["orderonce_batch"]["cpu_us_per_event"][whose] for r in at]
+                )
+                for whose in ("workers", "database", "redis", "total")
+            },
             "db_ceiling": {
                 "commits_per_s": med("db_ceiling", "commits_per_s"),
                 "commits_per_s_range": spread("db_ceiling", "commits_per_s"),
@@ -900,6 +927,7 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
             "b_over_c": _median([r["b_over_c"] for r in at]),
             "batch_over_a": _median([r["batch_over_a"] for r in at]),
             "batch_over_c": _median([r["batch_over_c"] for r in at]),
+            "batch_over_batch_c": _median([r["batch_over_batch_c"] for r in at]),
         }
         if all("orderonce_buffered" in r for r in at):
             summary[str(n)] |= {
@@ -929,10 +957,61 @@ def _summary(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, 
             ("orderonce_batch", "events_per_s"),
             ("orderonce_buffered", "events_per_s"),
             ("db_ceiling", "commits_per_s"),
+            ("batch_db_ceiling", "events_per_s"),
         )
         if system in first
     }
     return summary
+
+
+def _verified(run: dict[str, Any]) -> bool:
+    modes = ("orderonce", "orderonce_batch", "orderonce_buffered")
+    return all(run[m]["verify_ok"] for m in modes if m in run)
+
+
+def _one_run(
+    k: int,
+    n: int,
+    server_url: str,
+    redis_url: str,
+    opts: Options,
+    logs: Path,
+    ceiling_base: str,
+    recording: batch_ceiling.Recording,
+) -> dict[str, Any]:
+    """Run ``k`` at ``n`` workers: every system, each orderonce mode on its own database."""
+    with database_with_history(server_url, redis_url, opts.history_events) as database_url:
+        b = orderonce_stream(n, redis_url, database_url, opts, k, logs)
+        a = plain_celery(
+            n, redis_url, opts.events, b["latency"]["offered_per_s"], opts.latency_seconds, logs
+        )
+        c = db_ceiling(n, database_url, opts.ceiling_seconds)
+    with database_with_history(server_url, redis_url, opts.history_events) as database_url:
+        batch = orderonce_batch(n, redis_url, database_url, opts, k, logs)
+    batch_c = batch_ceiling.replay(n, ceiling_base, recording)
+    run: dict[str, Any] = {
+        "run": k,
+        "workers": n,
+        "plain_celery": a,
+        "orderonce": b,
+        "db_ceiling": c,
+        "orderonce_batch": batch,
+        "batch_db_ceiling": batch_c,
+        "b_over_a": round(b["events_per_s"] / a["events_per_s"], 3),
+        "b_over_c": round(b["events_per_s"] / c["commits_per_s"], 3),
+        "batch_over_a": round(batch["events_per_s"] / a["events_per_s"], 3),
+        "batch_over_c": round(batch["events_per_s"] / c["commits_per_s"], 3),
+        "batch_over_batch_c": round(batch["events_per_s"] / batch_c["events_per_s"], 3),
+    }
+    if opts.buffered:
+        with database_with_history(server_url, redis_url, opts.history_events) as database_url:
+            bb = orderonce_stream(n, redis_url, database_url, opts, k, logs, buffered=opts.buffered)
+        run |= {
+            "orderonce_buffered": bb,
+            "buffered_over_a": round(bb["events_per_s"] / a["events_per_s"], 3),
+            "buffered_over_c": round(bb["events_per_s"] / c["commits_per_s"], 3),
+        }
+    return run
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -952,68 +1031,49 @@ def run(opts: Options) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-        for k in range(1, opts.runs + 1):
-            for n in opts.workers:
-                with database_with_history(
-                    urls.database_url, redis_url, opts.history_events
-                ) as database_url:
-                    b = orderonce_stream(n, redis_url, database_url, opts, k, logs)
-                    a = plain_celery(
-                        n,
-                        redis_url,
-                        opts.events,
-                        b["latency"]["offered_per_s"],
-                        opts.latency_seconds,
-                        logs,
-                    )
-                    c = db_ceiling(n, database_url, opts.ceiling_seconds)
-                with database_with_history(
-                    urls.database_url, redis_url, opts.history_events
-                ) as database_url:
-                    batch = orderonce_batch(n, redis_url, database_url, opts, k, logs)
-                extra: dict[str, Any] = {}
-                if opts.buffered:
-                    with database_with_history(
-                        urls.database_url, redis_url, opts.history_events
-                    ) as database_url:
-                        bb = orderonce_stream(
-                            n, redis_url, database_url, opts, k, logs, buffered=opts.buffered
+        # (c'): batch mode's statements, recorded once on a copy of a database with history
+        # and replayed by N processes, each run, each on a fresh copy of that database.
+        with database_with_history(
+            urls.database_url, redis_url, opts.history_events
+        ) as ceiling_base:
+            recorded = _stream(f"R{uuid.uuid4().hex[:6].upper()}", opts.batch_events, 0)
+            with batch_ceiling.database_copy(ceiling_base) as recording_url:
+                recording = batch_ceiling.record(
+                    recording_url,
+                    redis_url,
+                    [p.body.encode() for p in recorded.restocks + recorded.publications],
+                    opts.batch_size,
+                )
+            print(
+                f"batch protocol alone: {recording.alone['events_per_s']:.0f} events/s in one"
+                f" thread  [{time.monotonic() - begun:.0f} s]",
+                file=sys.stderr,
+                flush=True,
+            )
+            for k in range(1, opts.runs + 1):
+                for n in opts.workers:
+                    runs.append(
+                        _one_run(
+                            k, n, urls.database_url, redis_url, opts, logs, ceiling_base, recording
                         )
-                    extra = {
-                        "orderonce_buffered": bb,
-                        "buffered_over_a": round(bb["events_per_s"] / a["events_per_s"], 3),
-                        "buffered_over_c": round(bb["events_per_s"] / c["commits_per_s"], 3),
-                    }
-                runs.append(
-                    extra
-                    | {
-                        "run": k,
-                        "workers": n,
-                        "plain_celery": a,
-                        "orderonce": b,
-                        "db_ceiling": c,
-                        "orderonce_batch": batch,
-                        "b_over_a": round(b["events_per_s"] / a["events_per_s"], 3),
-                        "b_over_c": round(b["events_per_s"] / c["commits_per_s"], 3),
-                        "batch_over_a": round(batch["events_per_s"] / a["events_per_s"], 3),
-                        "batch_over_c": round(batch["events_per_s"] / c["commits_per_s"], 3),
-                    }
-                )
-                print(
-                    f"run {k}/{opts.runs}, {n} worker(s): plain Celery {a['events_per_s']:.0f}/s,"
-                    f" orderonce {b['events_per_s']:.0f}/s (verify ok: {b['verify_ok']}),"
-                    f" database {c['commits_per_s']:.0f} commits/s,"
-                    f" batch mode {batch['events_per_s']:.0f}/s (verify ok: {batch['verify_ok']})"
-                    + (
-                        f", buffered {extra['orderonce_buffered']['events_per_s']:.0f}/s"
-                        f" (verify ok: {extra['orderonce_buffered']['verify_ok']})"
-                        if extra
-                        else ""
                     )
-                    + f"  [{time.monotonic() - begun:.0f} s]",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                    r = runs[-1]
+                    print(
+                        f"run {k}/{opts.runs}, {n} worker(s): plain Celery"
+                        f" {r['plain_celery']['events_per_s']:.0f}/s, orderonce"
+                        f" {r['orderonce']['events_per_s']:.0f}/s, database"
+                        f" {r['db_ceiling']['commits_per_s']:.0f} commits/s, batch mode"
+                        f" {r['orderonce_batch']['events_per_s']:.0f}/s, its database ceiling"
+                        f" {r['batch_db_ceiling']['events_per_s']:.0f}/s"
+                        + (
+                            f", buffered {r['orderonce_buffered']['events_per_s']:.0f}/s"
+                            if "orderonce_buffered" in r
+                            else ""
+                        )
+                        + f" (verify ok: {_verified(r)})  [{time.monotonic() - begun:.0f} s]",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     shutil.rmtree(logs, ignore_errors=True)
     return {
         "measured_at": datetime.now(UTC).isoformat(),
@@ -1047,12 +1107,20 @@ def run(opts: Options) -> dict[str, Any]:
             " drain rate",
             "db_ceiling": "N psycopg processes running orderonce's transaction shape with no"
             " Celery, Redis or parsing: commits/s, and the time of one transaction",
+            "batch_db_ceiling": "(c') batch mode's own statements (recorded from the batch"
+            " protocol over batch_events events of the stream), replayed with psycopg by N"
+            " processes, each on its own copy of a database with history: events/s, the"
+            " database server's CPU per event, one batch's transaction time",
+            "cpu_us_per_event": "batch mode's drain: CPU time per event of the workers' process"
+            " trees, the PostgreSQL server (postmaster, children, reaped children) and Redis"
+            " (INFO cpu), from /proc; None where a server's processes are not readable here",
             "rss_mib": "largest VmRSS of each worker's process tree, sampled every 0.2 s",
             "redis_commands_per_event": "INFO commandstats during the drain, per message;"
             " MULTI/EXEC and the commands a script runs are counted as commands",
         },
         "summary": _summary(runs, opts.workers),
         "protocol_alone": alone,
+        "batch_protocol_alone": recording.alone,
         "runs": runs,
     }
 
@@ -1074,6 +1142,7 @@ def _print(results: dict[str, Any]) -> None:
         "orderonce_batch": "(b') orderonce batch mode",
         "orderonce_buffered": "(b'') buffered default mode",
         "db_ceiling": "(c) database ceiling (commits/s)",
+        "batch_db_ceiling": "(c') batch mode's database ceiling",
     }
     for n in o["workers"]:
         row = summary[str(n)]
@@ -1092,12 +1161,21 @@ def _print(results: dict[str, Any]) -> None:
         print(
             f"  {'':7}  b/a {row['b_over_a']:.2f}   b/c {row['b_over_c']:.2f}"
             f"   b'/a {row['batch_over_a']:.2f}   b'/c {row['batch_over_c']:.2f}"
+            + f"   b'/c' {row['batch_over_batch_c']:.2f}"
             + (
                 f"   b''/a {row['buffered_over_a']:.2f}   b''/c {row['buffered_over_c']:.2f}"
                 if "buffered_over_a" in row
                 else ""
             )
         )
+        split = row["batch_cpu_us_per_event"]
+        if split["total"] is not None:
+            print(
+                f"  {'':7}  batch mode's CPU per event: workers {split['workers']:.0f} µs,"
+                f" PostgreSQL {split['database']:.0f} µs, Redis {split['redis']:.0f} µs;"
+                f" {m['nproc']} cores / {split['total']:.0f} µs ="
+                f" {m['nproc'] / split['total'] * 1e6:.0f} events/s at most"
+            )
     scaling = summary["scaling"]
     for system, name in names.items():
         if system not in scaling:
@@ -1135,6 +1213,15 @@ def _print(results: dict[str, Any]) -> None:
             f"{k['postgres_round_trips']:10.1f}{k['redis_commands']:12.1f}"
         )
     print("  CPU: this process's own; the rest of the time is waiting for PostgreSQL and Redis.")
+    batch = results["batch_protocol_alone"]
+    server = batch["server_cpu_us_per_event"]
+    print(
+        f"  batch protocol alone (exactly_once_batch.process_batch, {o['batch_size']} per batch,"
+        f" one thread): {batch['events_per_s']:.0f} events/s, CPU per event"
+        f" {batch['cpu_us_per_event']:.0f} µs here"
+        + (f" and {server:.0f} µs in PostgreSQL" if server is not None else "")
+        + f", {batch['statements_per_batch']:.1f} statements per batch"
+    )
 
 
 def main() -> None:

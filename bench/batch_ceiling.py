@@ -1,0 +1,180 @@
+"""(c') The database's ceiling for batch mode: batch mode's own statements, without batch mode.
+
+(c) in ``bench.throughput`` prices a light transaction (one stock row, a movement, two ledger
+legs), which is fair for the default mode but says nothing about what the database can do with
+batch mode's real work: per hundred demo events about thirty orders and fifty lines inserted,
+thirty order updates, a hundred movements, sixty ledger legs, a hundred processed rows, the
+advisory locks and the reads. So this records the statements batch mode sends and replays them:
+
+1. **Record.** ``exactly_once_batch.process_batch`` runs over a stream in this process, on a
+   copy of a database with history, and every statement it sends is kept with its parameters,
+   one list per transaction (a batch). This is also the batch protocol alone, timed: events/s
+   and this process's CPU per event, with no Celery and no broker.
+2. **Replay.** N processes each replay the whole recording with psycopg, statement by statement
+   as the protocol sent them (the same text, so the same prepared statements), one transaction
+   per batch, durable commits, each on its own copy of the database as it was before the
+   recording. No parsing, no decisions, no Redis, no Celery: what is left is the database's
+   work and the driver's. Separate copies mean no lock waits between the processes, so this is
+   an upper bound for N workers sharing one database.
+
+The result is events/s (N times the recording's events over the wall time of the slowest
+replay), the CPU time the database server used per event where its processes can be read
+(``/proc``, same host), and the time of one batch's transaction.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+import psycopg
+import redis
+from sqlalchemy import Connection, event, make_url
+
+from bench import cpu
+from orderonce.config import Settings
+from worker import exactly_once, exactly_once_batch
+from worker.db import make_engine
+from worker.locks import BatchLocks
+
+Statement = tuple[str, Any]
+Transaction = list[Statement]
+
+
+@dataclass(frozen=True)
+class Recording:
+    transactions: list[Transaction]
+    events: int
+    seconds: float
+    cpu_s: float  # this process's CPU time while recording
+    server_cpu_s: float | None  # the database server's, where this host can see it
+
+    @property
+    def alone(self) -> dict[str, float | None]:
+        return {
+            "events": self.events,
+            "events_per_s": round(self.events / self.seconds, 1),
+            "cpu_us_per_event": round(self.cpu_s / self.events * 1e6, 1),
+            "server_cpu_us_per_event": (
+                round(self.server_cpu_s / self.events * 1e6, 1)
+                if self.server_cpu_s is not None
+                else None
+            ),
+            "statements_per_batch": round(
+                sum(len(t) for t in self.transactions) / len(self.transactions), 2
+            ),
+        }
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def database_copy(database_url: str) -> Iterator[str]:
+    """A copy of the database (``CREATE DATABASE … TEMPLATE``), dropped afterwards. Nobody may
+    be connected to the original while it is copied."""
+    url = make_url(database_url)
+    name = f"{url.database}_c{uuid.uuid4().hex[:6]}"
+    admin = _libpq(str(url.set(database="postgres")))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{url.database}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: int) -> Recording:
+    """Run the batch protocol over ``bodies`` on ``database_url`` and keep what it sent."""
+    engine = make_engine(database_url, Settings())
+    client = redis.Redis.from_url(redis_url)
+    current: Transaction = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def keep(_conn: Connection, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        current.append((statement, parameters))
+
+    transactions: list[Transaction] = []
+    locks = BatchLocks(client, Settings().lock_ttl_ms)
+    config = exactly_once.Config()
+    postmaster = cpu.postmaster(database_url)
+    server_before = cpu.tree_cpu_s(postmaster) if postmaster else 0.0
+    own, start = time.process_time(), time.perf_counter()
+    for i in range(0, len(bodies), batch_size):
+        exactly_once_batch.process_batch(
+            bodies[i : i + batch_size], engine=engine, locks=locks, config=config
+        )
+        transactions.append(current)
+        current = []
+    seconds, own = time.perf_counter() - start, time.process_time() - own
+    # Read while the session's backend is alive: an exiting one's time is briefly unaccounted.
+    server = cpu.tree_cpu_s(postmaster) - server_before if postmaster else None
+    engine.dispose()
+    client.close()
+    return Recording(transactions, len(bodies), seconds, own, server)
+
+
+def _replay_client(
+    url: str, transactions: list[Transaction], barrier: Barrier, out: Queue[list[float]]
+) -> None:
+    durations = []
+    with psycopg.connect(url) as conn:
+        barrier.wait(timeout=60)
+        for statements in transactions:
+            start = time.perf_counter()
+            for sql, params in statements:
+                conn.execute(sql, params)
+            conn.commit()
+            durations.append(time.perf_counter() - start)
+    out.put(durations)
+
+
+def replay(n: int, template_url: str, recording: Recording) -> dict[str, Any]:
+    """N processes replay ``recording``, each on its own copy of ``template_url``."""
+    with ExitStack() as stack:
+        urls = [_libpq(stack.enter_context(database_copy(template_url))) for _ in range(n)]
+        ctx = multiprocessing.get_context("fork")
+        barrier = ctx.Barrier(n + 1)
+        out: Queue[list[float]] = ctx.Queue()
+        clients = [
+            ctx.Process(target=_replay_client, args=(url, recording.transactions, barrier, out))
+            for url in urls
+        ]
+        for c in clients:
+            c.start()
+        postmaster = cpu.postmaster(urls[0])  # not the template: it must stay unused
+        cpu_before = cpu.tree_cpu_s(postmaster) if postmaster else None
+        barrier.wait(timeout=120)
+        start = time.perf_counter()
+        durations = [d for _ in clients for d in out.get(timeout=600)]
+        seconds = time.perf_counter() - start
+        for c in clients:
+            c.join(timeout=30)
+        # The clients' backends exit after their clients; the postmaster counts a child's time
+        # (cutime) once it has reaped it.
+        time.sleep(0.2)
+        cpu_after = cpu.tree_cpu_s(postmaster) if postmaster else None
+    events = n * recording.events
+    durations.sort()
+    return {
+        "clients": n,
+        "events": events,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds, 1),
+        "batch_p50_ms": round(durations[len(durations) // 2] * 1000, 2),
+        "batch_p99_ms": round(durations[int(len(durations) * 0.99)] * 1000, 2),
+        "server_cpu_us_per_event": (
+            round((cpu_after - cpu_before) / events * 1e6, 1)
+            if cpu_before is not None and cpu_after is not None
+            else None
+        ),
+    }

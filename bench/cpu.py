@@ -1,0 +1,104 @@
+"""Where a benchmark's CPU time goes, from /proc: the workers', the database server's, Redis's.
+
+On a 2-core machine the workers, PostgreSQL and Redis share the same cores, so CPU time per
+event, all of it counted, bounds the rate: at most (cores / CPU seconds per event) events/s.
+The figures need the servers on this host (the embedded ones, or local ones readable by this
+user); where they are not, they are left out (None).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import redis
+from sqlalchemy import make_url
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int | str) -> list[str]:
+    # The fields after the command's name (which may hold spaces and parentheses): index 1 is
+    # the parent, 11 and 12 the process's user and system time, 13 and 14 its reaped children's.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(_stat(stat.parent.name)[1])
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+    return parents
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds used so far by a process, its live descendants and its reaped children."""
+    parents = _parents()
+    tree, grown = {root}, True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grown = bool(more)
+    ticks = 0
+    for pid in tree:
+        try:
+            fields = _stat(pid)
+        except (OSError, IndexError):
+            continue
+        ticks += sum(int(f) for f in fields[11:15])
+    return ticks / _TICK
+
+
+def postmaster(database_url: str) -> int | None:
+    """The PostgreSQL server's main process, where this host can read it (else None)."""
+    url = make_url(database_url).set(drivername="postgresql")
+    try:
+        with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            pid = int(_stat(row[0])[1])  # the backend's parent, read while the backend lives
+        _stat(pid)
+        return pid
+    except (OSError, ValueError, IndexError, psycopg.Error) as exc:
+        print(f"the database server's CPU time is not readable here: {exc!r}", file=sys.stderr)
+        return None
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@dataclass(frozen=True)
+class Reading:
+    workers: float
+    database: float | None
+    redis: float
+
+
+def read(worker_pids: list[int], database: int | None, client: redis.Redis) -> Reading:
+    return Reading(
+        sum(tree_cpu_s(pid) for pid in worker_pids),
+        tree_cpu_s(database) if database else None,
+        redis_cpu_s(client),
+    )
+
+
+def per_event(before: Reading, after: Reading, events: int) -> dict[str, float | None]:
+    """Microseconds of CPU per event, by whose, between two readings."""
+
+    def us(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round((b - a) / events * 1e6, 1)
+
+    split = {
+        "workers": us(before.workers, after.workers),
+        "database": us(before.database, after.database),
+        "redis": us(before.redis, after.redis),
+    }
+    known = [v for v in split.values() if v is not None]
+    return split | {"total": round(sum(known), 1) if len(known) == len(split) else None}
