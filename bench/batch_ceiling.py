@@ -41,7 +41,7 @@ from sqlalchemy import Connection, event, make_url
 from bench import cpu
 from orderonce.config import Settings
 from worker import exactly_once, exactly_once_batch
-from worker.db import make_engine
+from worker.db import make_engine, send_lists_in_binary
 from worker.locks import BatchLocks
 
 Statement = tuple[str, Any]
@@ -128,6 +128,7 @@ def _replay_client(
 ) -> None:
     durations = []
     with psycopg.connect(url) as conn:
+        send_lists_in_binary(conn)  # as the worker's engine sends them
         barrier.wait(timeout=60)
         for statements in transactions:
             start = time.perf_counter()

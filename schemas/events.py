@@ -109,9 +109,10 @@ class OrderCreated(_Data):
     @model_validator(mode="after")
     def _check(self) -> OrderCreated:
         # A free order has nothing to pay, so it could never be paid, shipped or refunded.
-        if self.total <= 0:
+        total = self.total
+        if total <= 0:
             raise ValueError("an order's total must be above zero")
-        if self.total >= MAX_TOTAL:  # what the database's money columns hold
+        if total >= MAX_TOTAL:  # what the database's money columns hold
             raise ValueError(f"an order's total must be below {MAX_TOTAL}")
         return self
 

@@ -62,6 +62,12 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+# One decoder for every body: json.loads(text, **options) builds a new one per call.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+)
+
+
 def strict_json(body: bytes) -> Any:
     """Parse JSON, refusing what lenient parsers allow: NaN, duplicate keys, deep nesting."""
     try:
@@ -69,14 +75,15 @@ def strict_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise BadEvent("malformed_json", f"not UTF-8: {exc}") from None
     try:
-        value = json.loads(
-            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
-        )
+        value = _DECODER.decode(text)
     except RecursionError:
         raise BadEvent("malformed_json", "nesting too deep") from None
     except ValueError as exc:  # JSONDecodeError, and e.g. integers past int_max_str_digits
         raise BadEvent("malformed_json", str(exc)[:500]) from None
-    if _depth(value, MAX_DEPTH) > MAX_DEPTH:
+    # A value nests no deeper than its containers plus one, and every container has a bracket
+    # in the text (brackets in strings only add to the count): most bodies need no walk.
+    few = text.count("{") + text.count("[") < MAX_DEPTH
+    if not few and _depth(value, MAX_DEPTH) > MAX_DEPTH:
         raise BadEvent("malformed_json", f"nesting deeper than {MAX_DEPTH} levels")
     # JSON may escape NUL (\u0000); PostgreSQL text cannot store it, so no event may hold one.
     # The substring test is a cheap filter; the walk decides.

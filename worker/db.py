@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
+from typing import Any
+
+import psycopg
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from orderonce.config import Settings
@@ -14,13 +18,21 @@ from orderonce.config import Settings
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "25P03"}
 
 
+def send_lists_in_binary(conn: psycopg.Connection[Any]) -> None:
+    """Send Python lists (array parameters, as the batch statements take them) in PostgreSQL's
+    binary format: psycopg writes the text format element by element in Python, about five
+    times the CPU (100 short strings: 180 to 320 µs against 50). Every list parameter is cast to
+    its array type in the SQL, so the statements and their plans do not change."""
+    conn.adapters.register_dumper(list, ListBinaryDumper)
+
+
 def make_engine(url: str, settings: Settings) -> Engine:
     options = (
         f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms}"
         f" -c statement_timeout={settings.statement_timeout_ms}"
         " -c application_name=orderonce"
     )
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=2,
         max_overflow=2,
@@ -31,6 +43,8 @@ def make_engine(url: str, settings: Settings) -> Engine:
         pool_recycle=1800,
         connect_args={"options": options, "connect_timeout": 5},
     )
+    event.listen(engine, "connect", lambda dbapi_conn, _record: send_lists_in_binary(dbapi_conn))
+    return engine
 
 
 def is_transient(exc: BaseException) -> bool:
