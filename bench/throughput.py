@@ -17,7 +17,13 @@ processes (``--pool solo``, one process each), and ``--runs`` times:
 * (c) the database's ceiling for orderonce's transaction: N processes running the transaction's
   statements directly with psycopg, one round trip each as orderonce sends them (BEGIN, claim
   the processed row, lock and update a stock row, a movement row, two ledger rows, COMMIT), as
-  fast as they can for ``--ceiling-seconds``: commits/s, and the time of one transaction.
+  fast as they can for ``--ceiling-seconds``: commits/s, and the time of one transaction;
+* (c') the database's ceiling for batch mode (``bench.batch_ceiling``): batch mode's own
+  statements, recorded once from the batch protocol and replayed by N psycopg processes, each
+  on its own copy of a database with history: events/s with no parsing, no decisions, no
+  Redis and no Celery. During batch mode's drain the benchmark also reads the CPU time of the
+  workers, of PostgreSQL and of Redis from /proc: on a 2-core machine all three share the
+  cores, so 2 / (CPU seconds per event) bounds the rate.
 
 Events/s is a drain: the queue is filled first and put aside (Redis RENAME), the workers are
 started and ready, and the clock runs from handing the queue back (RENAME again) until the last
