@@ -188,8 +188,7 @@ class Buffer:
         # Committed: ack every message whose event has its outcome now.
         self._ack([item.message for p, item in enumerate(items) if p not in returned])
         elapsed = time.perf_counter() - started
-        for outcome in outcomes:
-            metrics.observe_outcome(outcome, elapsed)
+        metrics.observe_outcomes(outcomes, elapsed)
         # Handed back: each message, still unacked, runs the default mode's task, in order.
         for h in back:
             self._single(items[h.position].message)

@@ -349,8 +349,7 @@ def _handle_batch(
         else:
             _hand_to_single_path(back.body)
     elapsed = time.perf_counter() - started
-    for outcome in outcomes:
-        metrics.observe_outcome(outcome, elapsed)
+    metrics.observe_outcomes(outcomes, elapsed)
     return {
         "outcome": "batch",
         "events": len(bodies),

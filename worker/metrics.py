@@ -172,6 +172,12 @@ def _bounded(value: str | None, known: frozenset[str]) -> str:
     return code if code in known else OTHER
 
 
+def _labels(outcome: str, reason: str | None, event_type: str | None) -> tuple[str, str, str]:
+    """The events counter's labels: outcome, duplicate cause, event type (all bounded)."""
+    type_label = "" if not event_type else event_type if event_type in _TYPES else OTHER
+    return (outcome if outcome in OUTCOMES else OTHER, _cause(outcome, reason), type_label)
+
+
 def _cause(outcome: str, reason: str | None) -> str:
     if outcome == "duplicate":
         return reason if reason in DUPLICATE_CAUSES else OTHER
@@ -193,16 +199,14 @@ def observe_event(
     m = _get()
     if m is None:
         return
-    label = outcome if outcome in OUTCOMES else OTHER
-    type_label = "" if not event_type else event_type if event_type in _TYPES else OTHER
-    m.events.labels(label, _cause(outcome, reason), type_label).inc()
+    m.events.labels(*_labels(outcome, reason, event_type)).inc()
     m.processing.observe(max(seconds, 0.0))
     if lag_seconds is not None:
         # A producer's clock ahead of ours gives a negative lag: count it as none at all.
         m.lag.observe(max(lag_seconds, 0.0))
 
 
-def lag_since(event_time: datetime | None) -> float | None:
+def lag_since(event_time: datetime | None, now: datetime | None = None) -> float | None:
     """Seconds from an event's time to now, for ``observe_event``; None if unknown. Never
     raises (a naive time is taken as UTC), so the task can call it after its commit."""
     if event_time is None:
@@ -210,7 +214,7 @@ def lag_since(event_time: datetime | None) -> float | None:
     try:
         if event_time.tzinfo is None:
             event_time = event_time.replace(tzinfo=UTC)
-        return (datetime.now(UTC) - event_time).total_seconds()
+        return ((now or datetime.now(UTC)) - event_time).total_seconds()
     except Exception:
         return None
 
@@ -218,15 +222,29 @@ def lag_since(event_time: datetime | None) -> float | None:
 @_never_raises
 def observe_outcome(outcome: Outcome, elapsed_s: float) -> None:
     """An event's outcome as the task (or the buffer) recorded it."""
-    observe_event(
-        outcome.kind,
-        outcome.reason,
-        outcome.event_type,
-        elapsed_s,
-        lag_since(outcome.event_time),
-    )
-    if outcome.kind == "dead_lettered":
-        observe_dead_letter(outcome.reason or "other")
+    observe_outcomes([outcome], elapsed_s)
+
+
+@_never_raises
+def observe_outcomes(outcomes: list[Outcome], elapsed_s: float) -> None:
+    """The outcomes of one delivery (a batch, a buffer) as ``observe_event`` counts each; the
+    counter goes up once per label set (in multiprocess mode every increment is a locked write
+    to a shared file, and a batch's hundred events share a handful of label sets)."""
+    m = _get()
+    if m is None:
+        return
+    counts: dict[tuple[str, str, str], int] = {}
+    now = datetime.now(UTC)
+    for o in outcomes:
+        key = _labels(o.kind, o.reason, o.event_type)
+        counts[key] = counts.get(key, 0) + 1
+        m.processing.observe(max(elapsed_s, 0.0))
+        if (lag := lag_since(o.event_time, now)) is not None:
+            m.lag.observe(max(lag, 0.0))  # a producer's clock ahead of ours: no lag at all
+        if o.kind == "dead_lettered":
+            observe_dead_letter(o.reason or "other")
+    for key, n in counts.items():
+        m.events.labels(*key).inc(n)
 
 
 def observe_lock_busy() -> None:

@@ -124,6 +124,52 @@ def test_worker_serves_metrics_summed_over_its_pool(
     assert not directory.exists()
 
 
+def test_a_batch_counts_each_of_its_events(
+    workers: WorkerFactory, servers: ServerUrls, settings: Settings
+) -> None:
+    # A batch's counter goes up once per label set (observe_outcomes): by as many events as
+    # share it, so the figures must equal one count per event.
+    port = _free_port()
+    workers.start(args=["--metrics-port", str(port)])
+    first, second = events.uid("ORD"), events.uid("ORD")
+    paid = events.paid(first, "9.00")
+    publisher = Publisher(servers.redis_url, settings)
+    try:
+        publisher.publish_raw_batch(
+            [
+                publisher.body(events.restock("SKU-MB", 5)),
+                publisher.body(events.created(first, [("SKU-MB", 1, "9.00")])),
+                publisher.body(events.created(second, [("SKU-MB", 1, "4.50")])),
+                publisher.body(paid),
+                publisher.body(paid),  # a copy in the same batch: a duplicate
+                '{"specversion": "1.0", "id": ',  # cut short: malformed JSON
+            ]
+        )
+    finally:
+        publisher.close()
+
+    def six_counted() -> Samples:
+        found = _scrape(port)
+        return found if _events_total(found) >= 6 else {}  # falsy: keep waiting
+
+    samples = wait_until(six_counted, 45, "the batch's six events counted")
+    counted = {
+        (dict(labels)["outcome"], dict(labels)["cause"], dict(labels)["type"]): v
+        for (name, labels), v in samples.items()
+        if name == "orderonce_events_total"
+    }
+    assert counted == {
+        ("applied", "", "inventory.restocked"): 1,
+        ("applied", "", "order.created"): 2,
+        ("applied", "", "order.paid"): 1,
+        ("duplicate", "producer_retry", "order.paid"): 1,
+        ("dead_lettered", "", ""): 1,
+    }
+    assert _value(samples, "orderonce_processing_seconds_count") == 6
+    assert _value(samples, "orderonce_lag_seconds_count") == 5
+    assert _value(samples, "orderonce_dead_letters_total", reason="malformed_json") == 1
+
+
 def test_metrics_are_no_ops_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
     metrics.observe_event("applied", None, "order.paid", 0.01, 1.0)
