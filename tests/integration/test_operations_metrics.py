@@ -61,6 +61,23 @@ def _events_total(samples: Samples) -> float:
     return sum(v for (name, _), v in samples.items() if name == "orderonce_events_total")
 
 
+def _scrape_when_counted(port: int, events: int, what: str) -> Samples:
+    def counted() -> Samples:
+        found = _scrape(port)
+        return found if _events_total(found) >= events else {}  # falsy: keep waiting
+
+    return wait_until(counted, 45, what)
+
+
+def _events_by_labels(samples: Samples) -> dict[tuple[str, str, str], float]:
+    """orderonce_events_total by (outcome, cause, type)."""
+    return {
+        (dict(labels)["outcome"], dict(labels)["cause"], dict(labels)["type"]): v
+        for (name, labels), v in samples.items()
+        if name == "orderonce_events_total"
+    }
+
+
 def test_worker_serves_metrics_summed_over_its_pool(
     db: Engine, workers: WorkerFactory, servers: ServerUrls, settings: Settings
 ) -> None:
@@ -83,21 +100,10 @@ def test_worker_serves_metrics_summed_over_its_pool(
     finally:
         publisher.close()
 
-    def five_counted() -> Samples:
-        found = _scrape(port)
-        return found if _events_total(found) >= 5 else {}  # falsy: keep waiting
-
-    samples = wait_until(
-        five_counted,
-        45,
-        "five events counted in the scraped metrics (is observe_event wired in celery_app.py?)",
+    samples = _scrape_when_counted(
+        port, 5, "five events counted in the scraped metrics (is observe_event wired?)"
     )
-    counted = {
-        (dict(labels)["outcome"], dict(labels)["cause"], dict(labels)["type"]): v
-        for (name, labels), v in samples.items()
-        if name == "orderonce_events_total"
-    }
-    assert counted == {
+    assert _events_by_labels(samples) == {
         ("applied", "", "inventory.restocked"): 1,
         ("applied", "", "order.created"): 1,
         ("applied", "", "order.paid"): 1,
@@ -148,17 +154,8 @@ def test_a_batch_counts_each_of_its_events(
     finally:
         publisher.close()
 
-    def six_counted() -> Samples:
-        found = _scrape(port)
-        return found if _events_total(found) >= 6 else {}  # falsy: keep waiting
-
-    samples = wait_until(six_counted, 45, "the batch's six events counted")
-    counted = {
-        (dict(labels)["outcome"], dict(labels)["cause"], dict(labels)["type"]): v
-        for (name, labels), v in samples.items()
-        if name == "orderonce_events_total"
-    }
-    assert counted == {
+    samples = _scrape_when_counted(port, 6, "the batch's six events counted")
+    assert _events_by_labels(samples) == {
         ("applied", "", "inventory.restocked"): 1,
         ("applied", "", "order.created"): 2,
         ("applied", "", "order.paid"): 1,
