@@ -40,6 +40,7 @@ from sqlalchemy import Connection, event, make_url
 
 from bench import cpu
 from orderonce.config import Settings
+from tests.servers import libpq_url
 from worker import exactly_once, exactly_once_batch
 from worker.db import make_engine, send_lists_in_binary
 from worker.locks import BatchLocks
@@ -73,17 +74,13 @@ class Recording:
         }
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @contextmanager
 def database_copy(database_url: str) -> Iterator[str]:
     """A copy of the database (``CREATE DATABASE … TEMPLATE``), dropped afterwards. Nobody may
     be connected to the original while it is copied."""
     url = make_url(database_url)
     name = f"{url.database}_c{uuid.uuid4().hex[:6]}"
-    admin = _libpq(str(url.set(database="postgres")))
+    admin = libpq_url(str(url.set(database="postgres")))
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{url.database}"')
     try:
@@ -142,7 +139,7 @@ def _replay_client(
 def replay(n: int, template_url: str, recording: Recording) -> dict[str, Any]:
     """N processes replay ``recording``, each on its own copy of ``template_url``."""
     with ExitStack() as stack:
-        urls = [_libpq(stack.enter_context(database_copy(template_url))) for _ in range(n)]
+        urls = [libpq_url(stack.enter_context(database_copy(template_url))) for _ in range(n)]
         ctx = multiprocessing.get_context("fork")
         barrier = ctx.Barrier(n + 1)
         out: Queue[list[float]] = ctx.Queue()

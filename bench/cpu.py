@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psycopg
 import redis
-from sqlalchemy import make_url
+
+from tests.servers import libpq_url
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -26,26 +27,32 @@ def _stat(pid: int | str) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def _parents() -> dict[int, int]:
-    parents = {}
+def children() -> dict[int, list[int]]:
+    """Every live process's children, by parent pid."""
+    tree: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parents[int(stat.parent.name)] = int(_stat(stat.parent.name)[1])
+            tree.setdefault(int(_stat(stat.parent.name)[1]), []).append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):  # exited meanwhile
             continue
-    return parents
+    return tree
+
+
+def process_tree(root: int, by_parent: dict[int, list[int]] | None = None) -> list[int]:
+    """A process and its live descendants (``by_parent``: a reading of ``children()``)."""
+    by_parent = children() if by_parent is None else by_parent
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(by_parent.get(pid, []))
+    return tree
 
 
 def tree_cpu_s(root: int) -> float:
     """CPU seconds used so far by a process, its live descendants and its reaped children."""
-    parents = _parents()
-    tree, grown = {root}, True
-    while grown:
-        more = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grown = bool(more)
     ticks = 0
-    for pid in tree:
+    for pid in process_tree(root):
         try:
             fields = _stat(pid)
         except (OSError, IndexError):
@@ -56,9 +63,8 @@ def tree_cpu_s(root: int) -> float:
 
 def postmaster(database_url: str) -> int | None:
     """The PostgreSQL server's main process, where this host can read it (else None)."""
-    url = make_url(database_url).set(drivername="postgresql")
     try:
-        with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
             assert row is not None
             pid = int(_stat(row[0])[1])  # the backend's parent, read while the backend lives

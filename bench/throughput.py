@@ -77,7 +77,7 @@ from typing import Any
 
 import psycopg
 import redis
-from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy import Engine, event, text
 
 from bench import batch_ceiling, cpu, noop_app
 from orderonce.broker import make_celery
@@ -86,7 +86,7 @@ from orderonce.demo import _count_run
 from orderonce.demo_stream import DemoStream, build_stream
 from orderonce.processes import WorkerProcess, wait_until
 from producers import Publisher
-from tests.servers import empty_redis_db, fresh_database
+from tests.servers import empty_redis_db, fresh_database, libpq_url
 from worker import exactly_once, exactly_once_batch, reports
 from worker.db import make_engine
 from worker.locks import BatchLocks, EventLocks
@@ -158,15 +158,6 @@ class CeleryWorker(WorkerProcess):
         )
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return tree
-
-
 def _rss_kib(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -186,14 +177,10 @@ class RssSampler(threading.Thread):
         self.max_kib = dict.fromkeys(pids, 0)
 
     def _sample(self) -> None:
-        children = _children()
+        by_parent = cpu.children()
         for pid in self._pids:
-            tree, todo = [], [pid]
-            while todo:
-                p = todo.pop()
-                tree.append(p)
-                todo.extend(children.get(p, []))
-            self.max_kib[pid] = max(self.max_kib[pid], sum(_rss_kib(p) for p in tree))
+            rss = sum(_rss_kib(p) for p in cpu.process_tree(pid, by_parent))
+            self.max_kib[pid] = max(self.max_kib[pid], rss)
 
     def run(self) -> None:
         while not self._done.is_set():
@@ -239,10 +226,6 @@ def _paced(count: int, rate: float, send: Callable[[int], None]) -> None:
         send(i)
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _redis_calls(r: redis.Redis) -> dict[str, int]:
     """Commands served so far by the Redis server, by name (INFO commandstats)."""
     stats: dict[str, dict[str, int]] = r.info("commandstats")
@@ -264,7 +247,7 @@ class CommitListener:
     CHANNEL = "bench_processed"
 
     def __init__(self, database_url: str) -> None:
-        self._url = _libpq(database_url)
+        self._url = libpq_url(database_url)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._conn = psycopg.connect(self._url, autocommit=True)
@@ -712,7 +695,7 @@ def _ceiling_client(
 
 
 def db_ceiling(n: int, database_url: str, seconds: float) -> dict[str, Any]:
-    url = _libpq(database_url)
+    url = libpq_url(database_url)
     with psycopg.connect(url, autocommit=True) as conn:
         for sku in CEILING_SKUS:
             conn.execute(
@@ -826,7 +809,7 @@ def _machine(database_url: str, redis_url: str, embedded: bool) -> dict[str, Any
         ),
         platform.processor(),
     )
-    url = _libpq(database_url)
+    url = libpq_url(database_url)
     with psycopg.connect(url) as conn:
         pg = {
             name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]

@@ -28,7 +28,8 @@ class ServerUrls:
     redis_url: str
 
 
-def _libpq(url: str) -> str:
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy URL as psycopg (libpq) takes it."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
@@ -52,7 +53,7 @@ def session_servers(
 def fresh_database(server_url: str) -> Iterator[str]:
     """A new, migrated database on the server of ``server_url``; dropped afterwards."""
     name = f"orderonce_test_{uuid.uuid4().hex[:10]}"
-    admin = _libpq(str(make_url(server_url).set(database="postgres")))
+    admin = libpq_url(str(make_url(server_url).set(database="postgres")))
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
