@@ -19,13 +19,17 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from kombu.connection import Connection
+from sqlalchemy import Engine
 
 from orderonce.broker import dead_letter_exchange_name, dead_letter_queue
 from orderonce.config import Settings
+from producers import Publisher
+from producers.relay import relay_once
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKER_NAMES = ("redis", "rabbitmq")
@@ -132,3 +136,13 @@ def message_count(url: str, queue: str) -> int:
     with _connect(url) as conn:
         declared = conn.default_channel.queue_declare(queue, passive=True)
         return int(declared.message_count)
+
+
+def relay_pass(db: Engine, publisher: Publisher) -> None:
+    """One relay pass over the outbox: what has no outcome after a second is sent again."""
+    relay_once(
+        db,
+        lambda body: publisher.send(body, retry=False),
+        batch_size=500,
+        resend_after=timedelta(seconds=1),
+    )

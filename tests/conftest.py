@@ -122,6 +122,19 @@ def publisher(broker: Broker) -> Iterator[Publisher]:
     pub.close()
 
 
+@pytest.fixture
+def outbox_publisher(
+    db: Engine, worker_env: dict[str, str], settings: Settings
+) -> Iterator[Publisher]:
+    """A publisher through the outbox (in the test's database), for tests that kill a worker
+    while messages are in flight and need nothing lost: a worker killed between Redis popping
+    a message for it and its record of the message as unacked takes the message with it
+    (kombu's Redis transport). ``relay_pass`` sends such a message again."""
+    pub = Publisher(worker_env["ORDERONCE_BROKER_URL"], settings, outbox_engine=db)
+    yield pub
+    pub.close()
+
+
 @pytest.fixture(scope="session")
 def engine(servers: ServerUrls, settings: Settings) -> Iterator[Engine]:
     engine = make_engine(servers.database_url, settings)

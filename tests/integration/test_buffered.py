@@ -20,6 +20,7 @@ from orderonce.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
+from tests.brokers import relay_pass
 from tests.db import assert_verified, scalar
 from tests.raw_broker import publish_raw_message, task_headers
 from tests.servers import ServerUrls
@@ -87,11 +88,21 @@ def test_the_demo_stream_applies_once_in_buffered_batches(
 
 
 def test_a_buffered_batch_killed_mid_commit_is_redelivered_and_applied_once(
-    db: Engine, workers: WorkerFactory, publisher: Publisher, tmp_path: Path
+    db: Engine,
+    workers: WorkerFactory,
+    outbox_publisher: Publisher,
+    servers: ServerUrls,
+    settings: Settings,
+    tmp_path: Path,
 ) -> None:
+    # Through the outbox: with room left in its buffer the worker may have popped one more
+    # message when it is killed, and kombu's Redis transport loses a message popped but not
+    # yet recorded as unacked (a CI run lost one this way). The relay sends what is missing
+    # once the broker holds nothing more (queue empty, nothing unacked): then a message with
+    # no outcome is lost, not late, and its copy is no duplicate.
     batch = _restocks("SKU-KILLED", 30)
     for e in batch:
-        publisher.publish(e)
+        outbox_publisher.publish(e)
     # Not waited for: it may take the queued messages and die before it says it is ready.
     worker = workers.start(
         args=BUFFERED, ready=False, **_failpoint(tmp_path, "before_commit=kill~SKU-KILLED")
@@ -102,11 +113,16 @@ def test_a_buffered_batch_killed_mid_commit_is_redelivered_and_applied_once(
     # Rolled back: no trace of any event, every message unacked.
     assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     workers.start(args=BUFFERED)  # the messages come back after the visibility timeout
-    wait_until(
-        lambda: scalar(db, "SELECT count(*) FROM processed_messages") == len(batch),
-        60,
-        "every event of the killed batch to apply",
-    )
+
+    broker = redis.Redis.from_url(servers.redis_url)
+
+    def all_applied() -> bool:
+        if broker.llen(settings.queue) == 0 and broker.hlen("unacked") == 0:
+            relay_pass(db, outbox_publisher)
+        return scalar(db, "SELECT count(*) FROM processed_messages") == len(batch)
+
+    wait_until(all_applied, 60, "every event of the killed batch to apply")
+    broker.close()
     assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
     assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(batch)
     assert scalar(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages") == 0

@@ -14,8 +14,6 @@ import random
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,9 +23,9 @@ from orderonce.broker import RESTORE_MUTEX_EXPIRE_S, make_celery
 from orderonce.config import Settings
 from orderonce.processes import WorkerProcess
 from producers import Publisher
-from producers.relay import relay_once
 from schemas import CloudEvent
 from tests import events
+from tests.brokers import relay_pass
 from tests.db import rows, scalar
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
@@ -97,15 +95,6 @@ def _stream() -> tuple[list[CloudEvent], int, int]:
     return stream, stocked, 2 * ORDERS
 
 
-@pytest.fixture
-def outbox_publisher(
-    db: Engine, worker_env: dict[str, str], settings: Settings
-) -> Iterator[Publisher]:
-    pub = Publisher(worker_env["ORDERONCE_BROKER_URL"], settings, outbox_engine=db)
-    yield pub
-    pub.close()
-
-
 def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
     db: Engine, workers: WorkerFactory, outbox_publisher: Publisher, tmp_path: Path
 ) -> None:
@@ -118,12 +107,7 @@ def test_two_hosts_one_lost_mid_stream_every_event_applied_once(
     publisher = outbox_publisher
 
     def relay() -> None:
-        relay_once(
-            db,
-            lambda body: publisher.send(body, retry=False),
-            batch_size=500,
-            resend_after=timedelta(seconds=1),
-        )
+        relay_pass(db, publisher)
 
     host_a, port_a = _host(
         workers, tmp_path, "host-a", "prefork", 2, ORDERONCE_DB_RETRY_ATTEMPTS="4"
