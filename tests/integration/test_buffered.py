@@ -97,9 +97,10 @@ def test_a_buffered_batch_killed_mid_commit_is_redelivered_and_applied_once(
 ) -> None:
     # Through the outbox: with room left in its buffer the worker may have popped one more
     # message when it is killed, and kombu's Redis transport loses a message popped but not
-    # yet recorded as unacked (a CI run lost one this way). The relay sends what is missing
-    # once the broker holds nothing more (queue empty, nothing unacked): then a message with
-    # no outcome is lost, not late, and its copy is no duplicate.
+    # yet recorded as unacked (the likeliest cause of a clean-clone CI run that timed out
+    # here). The relay sends what is missing once the broker holds nothing more (queue empty,
+    # nothing unacked): then a message with no outcome is lost, not late, and its copy is no
+    # duplicate.
     batch = _restocks("SKU-KILLED", 30)
     for e in batch:
         outbox_publisher.publish(e)
