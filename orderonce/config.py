@@ -66,8 +66,10 @@ class Settings(BaseSettings):
     batch_max_events: int = 1000
     # Events of a batch too early for it (their order is being created by a batch still in
     # flight on another worker, most often), or whose lock another worker holds (a copy in
-    # that worker's batch, most often), are tried again this many times within the task (at
-    # once, then 10, 20, 40, 80 ms apart) before they go to the single-event path's backoff.
+    # that worker's batch, most often), are tried again this many times before they go to the
+    # single-event path's backoff: batch messages within the task (at once, then 10, 20, 40,
+    # 80 ms apart); buffered mode at once, then in the worker's next batches, so that the
+    # worker does not sleep while the rest of its buffer waits.
     batch_too_early_retries: int = 5
     # Buffered consumption (worker/buffered.py), off at 0: a worker (``--pool solo``) takes up
     # to this many single-event messages at a time (its prefetch), or what arrived while it

@@ -23,8 +23,15 @@ Guarantee: that of the batch protocol, per event, and the message rule of defaul
   retries, batch messages, redelivered messages, which need the durable poison count, and
   anything Celery or ``worker/consumer.py`` dead-letters) goes to Celery's usual handling, the
   default mode's code, unchanged.
-- An event the batch protocol hands back (a busy lock, still too early after the quick tries,
-  a deferred or conflicting submission, a copy of a pruned event) is not republished: its own
+- An event too early for its order, or whose lock another worker holds, is tried again at
+  once, then stays in the buffer, unacked, ahead of the messages that came since, and is
+  tried again in the next batches (up to ``batch_too_early_retries`` - 1 of them). What it waits
+  for is most often another worker's batch committing right now; batch messages sleep between
+  such tries (10, 20, 40, 80 ms), which would hold every message of this buffer back, and
+  those still arriving. An order's later events in the buffer are handed back with it (the
+  batch protocol keeps an order's events in sequence), so they stay behind it.
+- An event the batch protocol hands back otherwise (still too early after those tries, a
+  deferred or conflicting submission, a copy of a pruned event) is not republished: its own
   message is given to Celery's usual handling right after the commit, i.e. the default mode's
   single path, with its retries and budgets. So is every message of a buffer whose batch failed
   for a reason that is not a database outage (a bug): alone, each gets the poison limit. A
@@ -41,7 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kombu.transport.virtual import QoS as VirtualQoS
@@ -60,6 +67,7 @@ class Buffered:
     message: Any  # kombu Message, unacked
     body: bytes
     message_id: str | None
+    tries: int = 0  # batches it was handed back from to be tried again soon
 
 
 def plain_event(message: Any) -> Buffered | None:
@@ -99,7 +107,9 @@ class Buffer:
     ``max_wait_s``.
 
     ``single`` hands one message to Celery's usual handling (the default mode's task);
-    ``call_later(delay, fn)`` schedules ``fn`` on the consumer's event loop (or None: no wait).
+    ``call_later(delay, fn)`` schedules ``fn`` on the consumer's event loop (or None: no wait);
+    ``tries_again``: an event too early for its order, or whose lock is busy, is tried again at
+    once, then in up to ``tries_again`` - 1 of the next batches, before it goes to ``single``.
     """
 
     def __init__(
@@ -110,8 +120,12 @@ class Buffer:
         single: Callable[[Any], None],
         call_later: Callable[[float, Callable[[], None]], Any] | None,
         connection_errors: tuple[type[BaseException], ...] = (),
+        tries_again: int = 0,
     ) -> None:
         self.size = size
+        self.quick_tries = min(1, tries_again)
+        # Without an event loop nothing would apply the buffer again: no carrying over.
+        self.later_tries = tries_again - self.quick_tries if call_later is not None else 0
         self.wait_s = wait_s
         self.max_wait_s = max_wait_s
         self._last_s = 0.0  # how long the previous batch took
@@ -132,19 +146,25 @@ class Buffer:
         self._items.append(item)
         if len(self._items) >= self.size or self._call_later is None:
             self.flush()
-        elif len(self._items) == 1:
+        else:
+            self._schedule()
+        return True
+
+    def _schedule(self) -> None:
+        if self._timer is None and self._items and self._call_later is not None:
             wait = min(max(self.wait_s, self._last_s), self.max_wait_s)
             self._timer = self._call_later(wait, self._on_timer)
-        return True
 
     def _on_timer(self) -> None:
         self._timer = None
         self.flush()
 
-    def flush(self) -> None:
+    def flush(self, *, last: bool = False) -> None:
+        """Apply what is buffered; ``last``: nothing stays for a later batch (a shutdown)."""
         items = self._take()
         if items:
-            self._apply(items)
+            self._apply(items, last)
+        self._schedule()
 
     def discard(self) -> int:
         """Forget the buffered messages, unacked (the broker gives them back); how many."""
@@ -157,13 +177,15 @@ class Buffer:
             self._timer = None
         return items
 
-    def _apply(self, items: list[Buffered]) -> None:
+    def _apply(self, items: list[Buffered], last: bool) -> None:
         from worker.celery_app import apply_batch  # builds the Celery app: imported late
 
         started = time.perf_counter()
         try:
             outcomes, handed_back = apply_batch(
-                [i.body for i in items], message_ids=[i.message_id for i in items]
+                [i.body for i in items],
+                message_ids=[i.message_id for i in items],
+                quick_tries=self.quick_tries,
             )
         except Exception as exc:
             if is_transient(exc):
@@ -189,9 +211,21 @@ class Buffer:
         self._ack([item.message for p, item in enumerate(items) if p not in returned])
         elapsed = time.perf_counter() - started
         metrics.observe_outcomes(outcomes, elapsed)
-        # Handed back: each message, still unacked, runs the default mode's task, in order.
+        # Kept, unacked, for the next batch; messages arriving meanwhile go after them, so an
+        # order's events stay in sequence (its later ones in this batch were handed back too).
+        again: list[Buffered] = []
+        alone: list[Any] = []
         for h in back:
-            self._single(items[h.position].message)
+            item = items[h.position]
+            if h.worth_trying_again_soon and item.tries < self.later_tries and not last:
+                again.append(replace(item, tries=item.tries + 1))
+            else:
+                alone.append(item.message)
+        self._items = again + self._items
+        # Handed back otherwise: each message, still unacked, runs the default mode's task, in
+        # order.
+        for message in alone:
+            self._single(message)
 
     def _ack(self, messages: list[Any]) -> None:
         """Ack these messages; on kombu's Redis transport in one round trip (a pipeline of what

@@ -364,26 +364,25 @@ def _apply_batch(
     return apply_batch(bodies, message_id=task.request.id)
 
 
-_TRY_AGAIN = frozenset({"too_early", "lock_busy"})
-
-
 def apply_batch(
     bodies: list[bytes],
     *,
     message_id: str | None = None,
     message_ids: list[str | None] | None = None,
+    quick_tries: int | None = None,
 ) -> tuple[list[exactly_once.Outcome], list[exactly_once_batch.HandedBack]]:
     """The batch protocol, then, for the events that were too early or whose lock another
-    worker held, a few quick tries more: what they wait for is usually a batch committing on
-    another worker right now (the order being created; a copy of the same event, which is a
-    duplicate here once that batch commits, instead of a single-path message with a retry).
-    Shared by batch messages (``message_id``) and buffered consumption (``message_ids``, one
-    per body)."""
+    worker held, a few quick tries more (``quick_tries``, by default
+    ``batch_too_early_retries``): what they wait for is usually a batch committing on another
+    worker right now (the order being created; a copy of the same event, which is a duplicate
+    here once that batch commits, instead of a single-path message with a retry). Shared by
+    batch messages (``message_id``) and buffered consumption (``message_ids``, one per body)."""
     rt = runtime()
+    tries = rt.settings.batch_too_early_retries if quick_tries is None else quick_tries
     positions = list(range(len(bodies)))
     outcomes: list[exactly_once.Outcome] = []
     elsewhere: list[exactly_once_batch.HandedBack] = []
-    for attempt in range(rt.settings.batch_too_early_retries + 1):
+    for attempt in range(tries + 1):
         # The first try again comes at once: most often the other worker's batch was waiting
         # for this one's locks (an order's key, a copy's claim), has them now, and this try
         # waits for its commit in the database. Then 10, 20, 40, 80 ms: a batch's duration.
@@ -401,9 +400,9 @@ def apply_batch(
         outcomes += result.outcomes
         # An order's too-early events are all too early together (worker.batch_effects), so
         # trying them again apart from the rest keeps each order's events in order.
-        early = [h for h in result.handed_back if h.why in _TRY_AGAIN]
-        elsewhere += [h for h in result.handed_back if h.why not in _TRY_AGAIN]
-        if not early or attempt == rt.settings.batch_too_early_retries:
+        early = [h for h in result.handed_back if h.worth_trying_again_soon]
+        elsewhere += [h for h in result.handed_back if not h.worth_trying_again_soon]
+        if not early or attempt == tries:
             return outcomes, elsewhere + early
         bodies = [h.body for h in early]
         positions = [h.position for h in early]

@@ -85,6 +85,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
             single,
             hub.call_later if hub is not None else None,
             tuple(self.connection_errors),
+            s.batch_too_early_retries,
         )
 
     def stop(self) -> None:
@@ -92,7 +93,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         # (otherwise it would come back as redelivered messages: safe, only slower).
         if self.buffer is not None and len(self.buffer):
             log.info("stopping: applying %d buffered messages first", len(self.buffer))
-            self.buffer.flush()
+            self.buffer.flush(last=True)
         super().stop()
 
     def on_close(self) -> None:

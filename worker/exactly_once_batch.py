@@ -60,6 +60,12 @@ class HandedBack:
     reason: str
     position: int  # in the batch message
 
+    @property
+    def worth_trying_again_soon(self) -> bool:
+        """What it waits for is most often another worker's batch committing right now: the
+        order being created, or a copy of the same event holding its lock."""
+        return self.why != "single_path"
+
 
 @dataclass(frozen=True)
 class BatchOutcome:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -49,11 +49,15 @@ def batch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     apply_batch: ``batch["result"]`` is returned, or raised if it is an exception."""
     state: dict[str, Any] = {"calls": [], "result": ([], [])}
 
-    def apply_batch(bodies: list[bytes], *, message_ids: list[str | None]) -> Any:
+    def apply_batch(bodies: list[bytes], *, message_ids: list[str | None], quick_tries: int) -> Any:
         state["calls"].append((bodies, message_ids))
-        if isinstance(state["result"], Exception):
-            raise state["result"]
-        return state["result"]
+        state["quick_tries"] = quick_tries
+        result = state["result"]
+        if isinstance(result, list):  # one result per call
+            result = result[len(state["calls"]) - 1]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     module = types.ModuleType("worker.celery_app")
     module.apply_batch = apply_batch  # type: ignore[attr-defined]
@@ -103,6 +107,94 @@ def test_a_full_buffer_commits_then_acks_and_hands_back_in_order(batch: dict[str
     assert ids == ["id-e0", "id-e1", "id-e2", "id-e3"]
     assert [m.fate for m in msgs] == ["acked", None, "acked", None]
     assert singles == [msgs[1], msgs[3]]  # the default path, in message order, unacked
+
+
+class _Loop:
+    """The consumer's event loop, as far as the buffer uses it: timers that fire when told."""
+
+    def __init__(self) -> None:
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        self.timers.append((delay, fn))
+        return _Timer()
+
+    def fire(self) -> None:
+        (_, fn), *self.timers = self.timers
+        fn()
+
+
+def test_an_event_too_early_waits_in_the_buffer_for_the_next_batches_not_the_worker(
+    batch: dict[str, Any],
+) -> None:
+    loop = _Loop()
+    singles: list[FakeMessage] = []
+    buf = buffered.Buffer(3, 0.005, 0.05, singles.append, loop.call_later, tries_again=3)
+    msgs = [FakeMessage(f"e{i}") for i in range(6)]
+    batch["result"] = [
+        ([Outcome("applied")], [HandedBack(b"e1", "too_early", "", 1)]),
+        # e1 still too early, and e4 (a later event of its order) with it.
+        (
+            [Outcome("applied")],
+            [HandedBack(b"e1", "too_early", "", 0), HandedBack(b"e4", "too_early", "", 2)],
+        ),
+        ([Outcome("applied"), Outcome("applied"), Outcome("applied")], []),
+    ]
+    for m in msgs[:3]:
+        buf.offer(m)
+    # One quick try within the batch; then e1 stays, unacked, for the next batch.
+    assert batch["quick_tries"] == 1
+    assert [m.fate for m in msgs[:3]] == ["acked", None, "acked"]
+    assert len(buf) == 1 and singles == []
+    assert loop.timers, "a batch must come even if no message does"
+    buf.offer(msgs[3])
+    buf.offer(msgs[4])  # full: e1 first, ahead of what came since
+    assert batch["calls"][1][0] == [b"e1", b"e3", b"e4"]
+    assert [m.fate for m in msgs[:5]] == ["acked", None, "acked", "acked", None]
+    assert len(buf) == 2 and singles == []
+    buf.offer(msgs[5])
+    assert batch["calls"][2][0] == [b"e1", b"e4", b"e5"]  # an order's events stay in sequence
+    assert [m.fate for m in msgs] == ["acked"] * 6
+    assert singles == [] and len(buf) == 0
+
+
+def test_an_event_still_too_early_after_its_tries_goes_down_the_default_path(
+    batch: dict[str, Any],
+) -> None:
+    loop = _Loop()
+    singles: list[FakeMessage] = []
+    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, loop.call_later, tries_again=3)
+    msg = FakeMessage("e")
+    batch["result"] = ([], [HandedBack(b"e", "lock_busy", "", 0)])
+    buf.offer(msg)
+    for _ in range(3):  # the first batch, then two later ones: a quick try in each
+        loop.fire()
+    assert len(batch["calls"]) == 3
+    assert singles == [msg] and msg.fate is None and len(buf) == 0
+    assert loop.timers == []
+
+
+def test_a_shutdown_keeps_nothing_for_later(batch: dict[str, Any]) -> None:
+    loop = _Loop()
+    singles: list[FakeMessage] = []
+    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, loop.call_later, tries_again=5)
+    msgs = [FakeMessage("a"), FakeMessage("b")]
+    batch["result"] = ([Outcome("applied")], [HandedBack(b"b", "too_early", "", 1)])
+    for m in msgs:
+        buf.offer(m)
+    buf.flush(last=True)
+    assert [m.fate for m in msgs] == ["acked", None]
+    assert singles == [msgs[1]] and len(buf) == 0
+
+
+def test_without_an_event_loop_nothing_is_kept_for_later(batch: dict[str, Any]) -> None:
+    singles: list[FakeMessage] = []
+    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, None, tries_again=5)
+    msg = FakeMessage("a")
+    batch["result"] = ([], [HandedBack(b"a", "too_early", "", 0)])
+    buf.offer(msg)
+    assert batch["quick_tries"] == 1
+    assert singles == [msg] and len(buf) == 0
 
 
 def test_a_database_outage_requeues_every_message_and_acks_none(batch: dict[str, Any]) -> None:
