@@ -1,8 +1,9 @@
 """The plain-Celery baseline of ``bench.throughput``: a no-op task on orderonce's Celery settings.
 
 The app is made by ``orderonce.broker.make_celery`` (JSON only, late acks, reject on worker
-lost, prefetch 1, the same transport options) with its own queue, so the only difference from
-an orderonce worker is the task. The task does one thing: it appends ``"<published> <started>"``
+lost, prefetch 1, the same transport options) with its own queue, so the only differences from
+an orderonce worker are the task and, unless ``BENCH_NOOP_TRANSPORT=orderonce``, kombu's own
+Redis transport (see below). The task does one thing: it appends ``"<published> <started>"``
 (Unix times) to a Redis list named in its arguments, one RPUSH, so the benchmark can count
 completions and compute end-to-end latency. Run by ``bench.throughput`` as
 ``celery -A bench.noop_app worker --pool=solo`` with ``BENCH_BROKER_URL`` set.
@@ -23,6 +24,11 @@ TASK_NAME = "bench.noop"
 BROKER_ENV = "BENCH_BROKER_URL"
 
 app = make_celery(os.environ.get(BROKER_ENV, "redis://127.0.0.1:6379/15"), Settings(queue=QUEUE))
+# Plain Celery as its users run it: kombu's own Redis transport, not orderonce's, which builds
+# one Redis client per channel instead of one per message (orderonce/redis_transport.py).
+# BENCH_NOOP_TRANSPORT=orderonce runs the no-op on orderonce's transport instead.
+if os.environ.get("BENCH_NOOP_TRANSPORT") != "orderonce":
+    app.conf.broker_transport = None
 _client: redis.Redis | None = None
 
 

@@ -15,6 +15,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from orderonce.config import Settings, UnsafeSettings
+from orderonce.redis_transport import TRANSPORT as REDIS_TRANSPORT
 from orderonce.routing import shard_queues
 
 TASK_NAME = "orderonce.process_event"
@@ -117,8 +118,12 @@ def _amqp_conf(settings: Settings) -> dict[str, Any]:
 RESTORE_MUTEX_EXPIRE_S = 10
 
 
-def _redis_conf(settings: Settings) -> dict[str, Any]:
+def _redis_conf(broker_url: str, settings: Settings) -> dict[str, Any]:
     return {
+        # kombu's own transport builds a Redis client object per message it receives, acks or
+        # publishes; this one keeps one per channel (orderonce/redis_transport.py). rediss://
+        # and other schemes keep kombu's.
+        "broker_transport": REDIS_TRANSPORT if urlsplit(broker_url).scheme == "redis" else None,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             # Scan for messages of dead workers every few seconds (kombu's default is about
@@ -153,7 +158,9 @@ def make_celery(broker_url: str, settings: Settings) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
-    app.conf.update(_amqp_conf(settings) if is_amqp(broker_url) else _redis_conf(settings))
+    app.conf.update(
+        _amqp_conf(settings) if is_amqp(broker_url) else _redis_conf(broker_url, settings)
+    )
     return app
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from orderonce.broker import check_celery_safety, make_celery
 from orderonce.config import Settings, UnsafeSettings, check_safety, settings
+from orderonce.redis_transport import TRANSPORT as REDIS_TRANSPORT
 
 BROKER = "redis://127.0.0.1:1/0"  # never connected to: make_celery only configures
 
@@ -153,6 +154,12 @@ def test_make_celery_is_safe_for_other_safe_settings() -> None:
     check_celery_safety(app.conf, s)
     assert app.conf.task_time_limit == 60
     assert app.conf.broker_transport_options["visibility_timeout"] == 120
+
+
+def test_redis_brokers_get_one_client_per_channel_and_others_kombus_transport() -> None:
+    assert _app().conf.broker_transport == REDIS_TRANSPORT
+    assert make_celery("rediss://127.0.0.1:1/0", Settings()).conf.broker_transport is None
+    assert make_celery("amqp://guest@127.0.0.1:1//", Settings()).conf.broker_transport is None
 
 
 def _flip_visibility(conf: Any, seconds: float) -> None:
