@@ -4,8 +4,9 @@ kombu's Redis channel builds a new ``redis.Redis`` object every time it needs on
 connection of its own (``conn_or_acquire``): to record each received message as unacked, to
 ack it, to publish. The object owns no connection (each command takes one from the channel's
 pool), but building it is costly: redis-py fills a fresh case-insensitive table of about 170
-response callbacks every time (redis/redis-py#3624). Profiled in a buffered worker draining
-the demo stream, that was 13% of the worker's CPU.
+response callbacks every time (redis/redis-py#3624). A buffered worker draining the demo stream
+spent 13% of its samples there (py-spy); with this transport its CPU per event fell by a third
+(docs/performance.md, "Fifth pass").
 
 This channel builds that client once per pool and hands it out again. Nothing else changes:
 commands still take and return a pool connection each, pipelines are still one per use, the
