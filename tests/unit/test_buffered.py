@@ -66,10 +66,15 @@ def batch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     yield state
 
 
-def _buffer(size: int = 3) -> tuple[buffered.Buffer, list[FakeMessage]]:
+def _buffer(
+    size: int = 3, *, loop: _Loop | None = None, tries_again: int = 0
+) -> tuple[buffered.Buffer, list[FakeMessage]]:
+    """A buffer whose default path collects its messages; without ``loop``, with a timer that
+    never fires (the buffer is applied when full)."""
     singles: list[FakeMessage] = []
-    # A timer that never fires: the buffer is applied when full.
-    return buffered.Buffer(size, 0.005, 0.05, singles.append, lambda d, fn: _Timer()), singles
+    call_later = loop.call_later if loop is not None else lambda d, fn: _Timer()
+    buf = buffered.Buffer(size, 0.005, 0.05, singles.append, call_later, tries_again=tries_again)
+    return buf, singles
 
 
 def test_only_plain_event_messages_are_buffered() -> None:
@@ -128,8 +133,7 @@ def test_an_event_too_early_waits_in_the_buffer_for_the_next_batches_not_the_wor
     batch: dict[str, Any],
 ) -> None:
     loop = _Loop()
-    singles: list[FakeMessage] = []
-    buf = buffered.Buffer(3, 0.005, 0.05, singles.append, loop.call_later, tries_again=3)
+    buf, singles = _buffer(3, loop=loop, tries_again=3)
     msgs = [FakeMessage(f"e{i}") for i in range(6)]
     batch["result"] = [
         ([Outcome("applied")], [HandedBack(b"e1", "too_early", "", 1)]),
@@ -162,8 +166,7 @@ def test_an_event_still_too_early_after_its_tries_goes_down_the_default_path(
     batch: dict[str, Any],
 ) -> None:
     loop = _Loop()
-    singles: list[FakeMessage] = []
-    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, loop.call_later, tries_again=3)
+    buf, singles = _buffer(10, loop=loop, tries_again=3)
     msg = FakeMessage("e")
     batch["result"] = ([], [HandedBack(b"e", "lock_busy", "", 0)])
     buf.offer(msg)
@@ -176,8 +179,7 @@ def test_an_event_still_too_early_after_its_tries_goes_down_the_default_path(
 
 def test_a_shutdown_keeps_nothing_for_later(batch: dict[str, Any]) -> None:
     loop = _Loop()
-    singles: list[FakeMessage] = []
-    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, loop.call_later, tries_again=5)
+    buf, singles = _buffer(10, loop=loop, tries_again=5)
     msgs = [FakeMessage("a"), FakeMessage("b")]
     batch["result"] = ([Outcome("applied")], [HandedBack(b"b", "too_early", "", 1)])
     for m in msgs:
@@ -189,7 +191,7 @@ def test_a_shutdown_keeps_nothing_for_later(batch: dict[str, Any]) -> None:
 
 def test_without_an_event_loop_nothing_is_kept_for_later(batch: dict[str, Any]) -> None:
     singles: list[FakeMessage] = []
-    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, None, tries_again=5)
+    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, None, tries_again=5)  # no event loop
     msg = FakeMessage("a")
     batch["result"] = ([], [HandedBack(b"a", "too_early", "", 0)])
     buf.offer(msg)
