@@ -23,13 +23,14 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import redis
 from kombu.connection import Connection
 from sqlalchemy import Engine
 
 from orderonce.broker import dead_letter_exchange_name, dead_letter_queue
 from orderonce.config import Settings
 from producers import Publisher
-from producers.relay import relay_once
+from producers.relay import RelayPass, relay_once
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKER_NAMES = ("redis", "rabbitmq")
@@ -138,11 +139,22 @@ def message_count(url: str, queue: str) -> int:
         return int(declared.message_count)
 
 
-def relay_pass(db: Engine, publisher: Publisher) -> None:
+def relay_pass(db: Engine, publisher: Publisher) -> RelayPass:
     """One relay pass over the outbox: what has no outcome after a second is sent again."""
-    relay_once(
+    return relay_once(
         db,
         lambda body: publisher.send(body, retry=False),
         batch_size=500,
         resend_after=timedelta(seconds=1),
     )
+
+
+def redis_holds_nothing(url: str, queue: str) -> bool:
+    """No message left in a Redis broker: the queue is empty and none is unacked. A message
+    with no outcome then is lost (kombu's receive window), not late, and a relayed copy of it
+    is no duplicate."""
+    client = redis.Redis.from_url(url)
+    try:
+        return client.llen(queue) == 0 and client.hlen("unacked") == 0
+    finally:
+        client.close()

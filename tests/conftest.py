@@ -123,14 +123,12 @@ def publisher(broker: Broker) -> Iterator[Publisher]:
 
 
 @pytest.fixture
-def outbox_publisher(
-    db: Engine, worker_env: dict[str, str], settings: Settings
-) -> Iterator[Publisher]:
+def outbox_publisher(db: Engine, broker: Broker) -> Iterator[Publisher]:
     """A publisher through the outbox (in the test's database), for tests that kill a worker
     while messages are in flight and need nothing lost: a worker killed between Redis popping
     a message for it and its record of the message as unacked takes the message with it
     (kombu's Redis transport). ``relay_pass`` sends such a message again."""
-    pub = Publisher(worker_env["ORDERONCE_BROKER_URL"], settings, outbox_engine=db)
+    pub = Publisher(broker.url, broker.settings, outbox_engine=db)
     yield pub
     pub.close()
 

@@ -20,7 +20,7 @@ from orderonce.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
-from tests.brokers import relay_pass
+from tests.brokers import redis_holds_nothing, relay_pass
 from tests.db import assert_verified, scalar
 from tests.raw_broker import publish_raw_message, task_headers
 from tests.servers import ServerUrls
@@ -115,15 +115,12 @@ def test_a_buffered_batch_killed_mid_commit_is_redelivered_and_applied_once(
     assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
     workers.start(args=BUFFERED)  # the messages come back after the visibility timeout
 
-    broker = redis.Redis.from_url(servers.redis_url)
-
     def all_applied() -> bool:
-        if broker.llen(settings.queue) == 0 and broker.hlen("unacked") == 0:
+        if redis_holds_nothing(servers.redis_url, settings.queue):
             relay_pass(db, outbox_publisher)
         return scalar(db, "SELECT count(*) FROM processed_messages") == len(batch)
 
     wait_until(all_applied, 60, "every event of the killed batch to apply")
-    broker.close()
     assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(batch)
     assert scalar(db, "SELECT count(*) FROM inventory_movements") == len(batch)
     assert scalar(db, "SELECT coalesce(sum(duplicates), 0) FROM processed_messages") == 0

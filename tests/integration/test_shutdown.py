@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from producers import Publisher
 from tests import events
-from tests.brokers import BROKER_NAMES
+from tests.brokers import BROKER_NAMES, Broker, redis_holds_nothing, relay_pass
 from tests.workers import WorkerFactory, wait_until
 from worker import reports
 
@@ -29,8 +29,16 @@ pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 
 
 def test_shutdowns_under_load_lose_nothing(
-    db: Engine, workers: WorkerFactory, publisher: Publisher
+    db: Engine, workers: WorkerFactory, outbox_publisher: Publisher, broker: Broker
 ) -> None:
+    # Through the outbox, as nothing-lost needs on Redis (docs/guarantees.md): a worker shut
+    # down between Redis popping a message for it and its record of the message as unacked
+    # takes the message with it (kombu's receive window: the likeliest cause, not confirmed, of
+    # a clean-clone CI run that timed out here, and of 1 of 42 runs on this machine; both
+    # without the outbox). Only that is left to the relay:
+    # it sends again only once the broker holds nothing (queue empty, nothing unacked), and at
+    # most one message per consumer shut down. RabbitMQ has no such window: no relay there.
+    publisher = outbox_publisher
     # Each event takes a little while, so every shutdown lands with work in flight.
     slow = {"ORDERONCE_FAILPOINTS": "before_commit=sleep:0.02"}
     warm = workers.start("warm", pool="prefork", concurrency=2, **slow)
@@ -58,7 +66,16 @@ def test_shutdowns_under_load_lose_nothing(
     )
 
     workers.start("after", pool="prefork", concurrency=2)
-    wait_until(lambda: _processed(db) == len(stream), 90, "every event after the shutdowns")
+    relayed = 0
+
+    def all_applied() -> bool:
+        nonlocal relayed
+        if broker.name == "redis" and redis_holds_nothing(broker.url, broker.settings.queue):
+            relayed += relay_pass(db, publisher).sent
+        return _processed(db) == len(stream)
+
+    wait_until(all_applied, 90, "every event after the shutdowns")
+    assert relayed <= 3, f"{relayed} messages lost with the three workers shut down"
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM inventory_movements")).scalar_one() == (
             len(stream)
