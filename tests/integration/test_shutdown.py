@@ -35,9 +35,9 @@ def test_shutdowns_under_load_lose_nothing(
     # down between Redis popping a message for it and its record of the message as unacked
     # takes the message with it (kombu's receive window: the likeliest cause, not confirmed, of
     # a clean-clone CI run that timed out here, and of 1 of 42 runs on this machine; both
-    # without the outbox). Only that is left to the relay:
-    # it sends again only once the broker holds nothing (queue empty, nothing unacked), and at
-    # most one message per consumer shut down. RabbitMQ has no such window: no relay there.
+    # without the outbox). Only that is left to the relay: it sends again only once the broker
+    # holds nothing (queue empty, nothing unacked), and at most one message per consumer shut
+    # down. RabbitMQ has no such window: no relay there.
     publisher = outbox_publisher
     # Each event takes a little while, so every shutdown lands with work in flight.
     slow = {"ORDERONCE_FAILPOINTS": "before_commit=sleep:0.02"}
