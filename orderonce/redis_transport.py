@@ -29,17 +29,16 @@ TRANSPORT = "orderonce.redis_transport:Transport"
 
 
 class Channel(kombu_redis.Channel):
-    _shared: tuple[Any, Any] | None = None  # (pool, the client built on it)
+    _shared: Any = None  # the client built on the current pool
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
         if client:
             yield client
             return
-        pool = self.pool
-        if self._shared is None or self._shared[0] is not pool:
-            self._shared = (pool, self._create_client())  # type: ignore[no-untyped-call]  # kombu
-        yield self._shared[1]
+        if self._shared is None or self._shared.connection_pool is not self.pool:
+            self._shared = self._create_client()  # type: ignore[no-untyped-call]  # kombu
+        yield self._shared
 
 
 class Transport(kombu_redis.Transport):
