@@ -6,7 +6,7 @@ batch mode's real work: per hundred demo events about thirty orders and fifty li
 thirty order updates, a hundred movements, sixty ledger legs, a hundred processed rows, the
 advisory locks and the reads. So this records the statements batch mode sends and replays them:
 
-1. **Record.** ``exactly_once_batch.process_batch`` runs over a stream in this process, on a
+1. **Record.** ``protocol.process_batch`` runs over a stream in this process, on a
    copy of a database with history, and every statement it sends is kept with its parameters,
    one list per transaction (a batch). This is also the batch protocol alone, timed: events/s
    and this process's CPU per event, with no Celery and no broker.
@@ -40,10 +40,10 @@ from sqlalchemy import Connection, event, make_url
 
 from bench import cpu
 from orderonce.config import Settings
-from tests.servers import libpq_url
-from worker import exactly_once, exactly_once_batch
-from worker.db import make_engine, send_lists_in_binary
-from worker.locks import BatchLocks
+from orderonce.dev.sandboxes import libpq_url
+from worker import protocol
+from worker.protocol.locks import BatchLocks
+from worker.store.db import make_engine, send_lists_in_binary
 
 Statement = tuple[str, Any]
 Transaction = list[Statement]
@@ -102,12 +102,12 @@ def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: i
 
     transactions: list[Transaction] = []
     locks = BatchLocks(client, Settings().lock_ttl_ms)
-    config = exactly_once.Config()
+    config = protocol.Config()
     postmaster = cpu.postmaster(database_url)
     server_before = cpu.tree_cpu_s(postmaster) if postmaster else 0.0
     own, start = time.process_time(), time.perf_counter()
     for i in range(0, len(bodies), batch_size):
-        exactly_once_batch.process_batch(
+        protocol.process_batch(
             bodies[i : i + batch_size], engine=engine, locks=locks, config=config
         )
         transactions.append(current)

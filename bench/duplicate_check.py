@@ -27,14 +27,17 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from orderonce.config import resolve, settings
+from orderonce.config import settings
+from orderonce.dev.embedded import urls_or_embedded
+from orderonce.dev.sandboxes import fresh_database
 from producers import build_event
 from producers.publisher import to_json
 from schemas import OrderCreatedEvent
-from tests.servers import fresh_database
-from worker import exactly_once, orders, submissions
-from worker.db import make_engine
-from worker.locks import EventLocks, lock_client
+from worker import protocol
+from worker.domain import submissions
+from worker.protocol.locks import EventLocks, lock_client
+from worker.store.db import make_engine
+from worker.store.effects import orders
 
 SKUS = [f"SKU-{n:03d}" for n in range(1, 51)]
 
@@ -94,7 +97,7 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 def run(events: int, preload: int) -> dict[str, Any]:
     base = settings()
-    urls = resolve()
+    urls = urls_or_embedded(settings())
     results: dict[str, Any] = {
         "events": events,
         "preloaded_orders": preload,
@@ -107,18 +110,18 @@ def run(events: int, preload: int) -> dict[str, Any]:
             restock = build_event(
                 "inventory.restocked", {"sku": sku, "quantity": 100_000}, source="bench/warehouse"
             )
-            exactly_once.process(to_json(restock).encode(), engine=engine, locks=locks)
+            protocol.process(to_json(restock).encode(), engine=engine, locks=locks)
         _preload(engine, preload)
 
-        def protocol(config: exactly_once.Config, bodies: list[bytes]) -> list[float]:
+        def through_protocol(config: protocol.Config, bodies: list[bytes]) -> list[float]:
             it = iter(bodies)
             return _timed(
-                lambda: exactly_once.process(next(it), engine=engine, locks=locks, config=config),
+                lambda: protocol.process(next(it), engine=engine, locks=locks, config=config),
                 len(bodies),
             )
 
-        hold = exactly_once.Config(duplicate_policy="hold")
-        allow = exactly_once.Config(duplicate_policy="allow")
+        hold = protocol.Config(duplicate_policy="hold")
+        allow = protocol.Config(duplicate_policy="allow")
         restocks = [
             to_json(
                 build_event(
@@ -130,12 +133,12 @@ def run(events: int, preload: int) -> dict[str, Any]:
             for _ in range(events)
         ]
         results["end_to_end"] = {
-            "inventory.restocked (protocol floor)": _summary(protocol(hold, restocks)),
+            "inventory.restocked (protocol floor)": _summary(through_protocol(hold, restocks)),
             "order.created, check with policy hold": _summary(
-                protocol(hold, [_created(i, f"N-{i}", f"key-{i}") for i in range(events)])
+                through_protocol(hold, [_created(i, f"N-{i}", f"key-{i}") for i in range(events)])
             ),
             "order.created, policy allow (no fingerprint lookup)": _summary(
-                protocol(allow, [_created(i, f"A-{i}", f"akey-{i}") for i in range(events)])
+                through_protocol(allow, [_created(i, f"A-{i}", f"akey-{i}") for i in range(events)])
             ),
         }
 

@@ -16,8 +16,8 @@ import time
 
 import redis
 
-from orderonce.broker import make_celery
 from orderonce.config import Settings
+from worker.messaging.broker import make_celery
 
 QUEUE = "bench.noop"
 TASK_NAME = "bench.noop"

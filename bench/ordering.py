@@ -34,14 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import _handled, _stream, _worker_env
-from orderonce.config import Settings, resolve
-from orderonce.demo_stream import DemoStream
-from orderonce.processes import WorkerProcess, wait_until
+from orderonce.config import Settings, Urls, settings
+from orderonce.dev.demo_stream import DemoStream
+from orderonce.dev.embedded import urls_or_embedded
+from orderonce.dev.processes import WorkerProcess, wait_until
+from orderonce.dev.sandboxes import (
+    DEFAULT_AMQP_URL,
+    delete_declared,
+    empty_redis_db,
+    fresh_database,
+    listening,
+    session_vhost,
+)
 from producers import Publisher
-from tests.brokers import DEFAULT_AMQP_URL, delete_declared, listening, session_vhost
-from tests.servers import empty_redis_db, fresh_database
-from worker import reports
-from worker.db import make_engine
+from worker.ops import reports
+from worker.store.db import make_engine
 
 DRAIN_TIMEOUT_S = 600.0
 MODES = ("shared", "ordered")
@@ -91,12 +98,11 @@ def _workers(mode: str, n: int, env: dict[str, str], logs: Path) -> Iterator[lis
             w.terminate()
 
 
-def one_drain(
-    mode: str, broker_url: str, redis_url: str, opts: Options, seed: int, logs: Path
-) -> dict[str, Any]:
+def one_drain(mode: str, urls: Urls, opts: Options, seed: int, logs: Path) -> dict[str, Any]:
+    broker_url, redis_url = urls.broker_url, urls.redis_url
     shards = opts.workers if mode == "ordered" else 0
     queue = f"bench.ordering.{uuid.uuid4().hex[:8]}"
-    with fresh_database(resolve().database_url) as database_url:
+    with fresh_database(urls.database_url) as database_url:
         env = _env(broker_url, redis_url, database_url, queue, shards)
         settings = Settings(queue=queue, ordered_queues=shards)
         engine = make_engine(database_url, settings)
@@ -139,7 +145,7 @@ def one_drain(
 
 
 def run(opts: Options) -> dict[str, Any]:
-    urls = resolve()
+    urls = urls_or_embedded(settings())
     logs = Path(tempfile.mkdtemp(prefix="orderonce-bench-ordering-"))
     amqp_url = _amqp_url() if opts.amqp else None
     results: list[dict[str, Any]] = []
@@ -153,7 +159,9 @@ def run(opts: Options) -> dict[str, Any]:
         for k in range(1, opts.runs + 1):
             for name, broker_url in brokers:
                 for mode in MODES:
-                    r = one_drain(mode, broker_url, redis_url, opts, k, logs)
+                    r = one_drain(
+                        mode, Urls(urls.database_url, redis_url, broker_url), opts, k, logs
+                    )
                     results.append({"broker": name, "run": k, **r})
                     print(
                         f"run {k}/{opts.runs} {name} {mode}: {r['events_per_s']:.0f} events/s,"

@@ -38,7 +38,7 @@ of each worker's process tree, sampled every 0.2 s.
 
 Where the time goes: Redis commands per message during the drains (INFO commandstats), the mean
 time of orderonce's task and of the protocol inside it (from the workers' JSON logs), and the
-protocol alone in this process (``exactly_once.process`` over the same stream, no Celery), with
+protocol alone in this process (``protocol.process`` over the same stream, no Celery), with
 PostgreSQL round trips, Redis commands and this process's CPU time per event, by kind.
 
 Run: ``make bench`` (or ``python -m bench.throughput --help``). Uses ORDERONCE_DATABASE_URL and
@@ -81,16 +81,18 @@ import redis
 from sqlalchemy import Engine, event, text
 
 from bench import batch_ceiling, cpu, noop_app
-from orderonce.broker import make_celery
-from orderonce.config import Settings, resolve
-from orderonce.demo import _count_run
-from orderonce.demo_stream import DemoStream, build_stream
-from orderonce.processes import WorkerProcess, wait_until
+from orderonce.config import Settings, settings
+from orderonce.dev.demo import _count_run
+from orderonce.dev.demo_stream import DemoStream, build_stream
+from orderonce.dev.embedded import urls_or_embedded
+from orderonce.dev.processes import WorkerProcess, wait_until
+from orderonce.dev.sandboxes import empty_redis_db, fresh_database, libpq_url
 from producers import Publisher
-from tests.servers import empty_redis_db, fresh_database, libpq_url
-from worker import exactly_once, exactly_once_batch, reports
-from worker.db import make_engine
-from worker.locks import BatchLocks, EventLocks
+from worker import protocol
+from worker.messaging.broker import make_celery
+from worker.ops import reports
+from worker.protocol.locks import BatchLocks, EventLocks
+from worker.store.db import make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE = "bench.orderonce"
@@ -526,8 +528,8 @@ def database_with_history(server_url: str, redis_url: str, events: int) -> Itera
             history = _stream(f"H{uuid.uuid4().hex[:6].upper()}", events, 99)
             bodies = [p.body.encode() for p in history.restocks + history.publications]
             for i in range(0, len(bodies), 100):  # what it hands back is left out: history
-                exactly_once_batch.process_batch(
-                    bodies[i : i + 100], engine=engine, locks=locks, config=exactly_once.Config()
+                protocol.process_batch(
+                    bodies[i : i + 100], engine=engine, locks=locks, config=protocol.Config()
                 )
             with engine.begin() as conn:
                 conn.execute(text("ANALYZE"))
@@ -752,7 +754,7 @@ _KINDS = {
 
 
 def protocol_alone(database_url: str, redis_url: str, count: int, seed: int) -> dict[str, Any]:
-    """orderonce's protocol without Celery: ``exactly_once.process`` over the demo stream in one
+    """orderonce's protocol without Celery: ``protocol.process`` over the demo stream in one
     thread, in order, timed, with PostgreSQL round trips and Redis commands counted per event."""
     engine = make_engine(database_url, Settings(queue=QUEUE))
     round_trips = 0
@@ -770,15 +772,13 @@ def protocol_alone(database_url: str, redis_url: str, count: int, seed: int) -> 
     locks = EventLocks(client, Settings().lock_ttl_ms)
     stream = _stream(f"P{uuid.uuid4().hex[:6].upper()}", count, seed)
     for p in stream.restocks:
-        exactly_once.process(p.body.encode(), engine=engine, locks=locks)
+        protocol.process(p.body.encode(), engine=engine, locks=locks)
     samples: dict[str, list[tuple[float, float, int, int]]] = {}
     for p in stream.publications:
         kind = _KINDS.get(p.kind) or str(json.loads(p.body)["type"])
         pg, rd = round_trips, client.commands
         started, cpu = time.perf_counter(), time.process_time()
-        exactly_once.process(
-            p.body.encode(), engine=engine, locks=locks, message_id=str(uuid.uuid4())
-        )
+        protocol.process(p.body.encode(), engine=engine, locks=locks, message_id=str(uuid.uuid4()))
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         samples.setdefault(kind, []).append((elapsed, cpu, round_trips - pg, client.commands - rd))
     engine.dispose()
@@ -1012,7 +1012,7 @@ def _one_run(
 
 
 def run(opts: Options) -> dict[str, Any]:
-    urls = resolve()
+    urls = urls_or_embedded(settings())
     s = Settings()
     embedded = not (s.database_url and s.redis_url)
     logs = Path(tempfile.mkdtemp(prefix="orderonce-bench-"))
@@ -1200,7 +1200,7 @@ def _print(results: dict[str, Any]) -> None:
         )
     alone = results["protocol_alone"]
     print(
-        f"\nwhere the time goes: orderonce's protocol alone (exactly_once.process, no Celery, one"
+        f"\nwhere the time goes: orderonce's protocol alone (protocol.process, no Celery, one"
         f" thread): {alone['events_per_s']:.0f} events/s"
     )
     print(f"  {'':38}{'events':>7}{'mean ms':>9}{'CPU ms':>8}{'PG trips':>10}{'Redis cmds':>12}")
@@ -1213,7 +1213,7 @@ def _print(results: dict[str, Any]) -> None:
     batch = results["batch_protocol_alone"]
     server = batch["server_cpu_us_per_event"]
     print(
-        f"  batch protocol alone (exactly_once_batch.process_batch, {o['batch_size']} per batch,"
+        f"  batch protocol alone (protocol.process_batch, {o['batch_size']} per batch,"
         f" one thread): {batch['events_per_s']:.0f} events/s, CPU per event"
         f" {batch['cpu_us_per_event']:.0f} µs here"
         + (f" and {server:.0f} µs in PostgreSQL" if server is not None else "")

@@ -1,7 +1,7 @@
 """Settings, read from ``ORDERONCE_*`` environment variables (secrets never live in files here).
 
-With no database or Redis URL configured, ``resolve()`` starts (or reuses) the embedded servers
-under the state directory, so every command works on a fresh machine.
+Reading them does nothing else: which servers a command uses is decided by the command (the CLI
+starts embedded ones when no URLs are configured, orderonce/dev/embedded.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-class UnsafeSettings(ValueError):
-    """A combination of settings that would break the exactly-once or nothing-lost guarantees."""
+from orderonce.errors import MissingUrls, UnsafeSettings
 
 
 class Settings(BaseSettings):
@@ -142,22 +140,18 @@ def settings() -> Settings:
 
 
 @dataclass(frozen=True)
-class Resolved:
-    """Concrete URLs for this process: configured ones, else the embedded servers'."""
+class Urls:
+    """The servers of this process."""
 
     database_url: str
-    redis_url: str
+    redis_url: str  # the event locks
     broker_url: str
 
 
-@cache
-def resolve() -> Resolved:
-    s = settings()
-    database_url, redis_url = s.database_url, s.redis_url
-    if database_url is None or redis_url is None:
-        from orderonce.embedded import ensure_servers
-
-        embedded = ensure_servers(s.state_dir.resolve())
-        database_url = database_url or embedded.database_url
-        redis_url = redis_url or embedded.redis_url
-    return Resolved(database_url, redis_url, s.broker_url or redis_url)
+def configured_urls(s: Settings) -> Urls:
+    """The servers the settings name; MissingUrls when the database or Redis URL is not set
+    (the CLI then starts the embedded ones: orderonce.dev.embedded.urls_or_embedded)."""
+    if s.database_url is None or s.redis_url is None:
+        missing = [n for n, v in (("DATABASE", s.database_url), ("REDIS", s.redis_url)) if not v]
+        raise MissingUrls(", ".join(f"ORDERONCE_{n}_URL" for n in missing) + " not set")
+    return Urls(s.database_url, s.redis_url, s.broker_url or s.redis_url)

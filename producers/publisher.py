@@ -21,13 +21,13 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from orderonce.broker import BATCH_TASK_NAME, TASK_NAME, make_celery
 from orderonce.config import Settings
-from orderonce.routing import ordering_key, queue_for_key
-from producers import outbox
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
 from schemas.signing import sign
+from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME, make_celery
+from worker.messaging.routing import ordering_key, queue_for_key
+from worker.store import outbox
 
 log = logging.getLogger(__name__)
 

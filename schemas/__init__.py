@@ -4,6 +4,7 @@ Pydantic models here are the source of truth; ``schemas/json/`` holds JSON Schem
 generated from them for producers written in other languages (``orderonce schemas``).
 """
 
+from orderonce.errors import BadEvent
 from schemas.events import (
     CLOUD_EVENT,
     EVENT_TYPES,
@@ -26,7 +27,7 @@ from schemas.events import (
     OrderShippedEvent,
     ShippingAddress,
 )
-from schemas.parsing import BadEvent, parse_event, payload_hash
+from schemas.parsing import parse_event, payload_hash
 
 __all__ = [
     "CLOUD_EVENT",

@@ -14,19 +14,11 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from orderonce.errors import BadEvent
 from schemas.events import CLOUD_EVENT, CloudEvent
 
 DEFAULT_MAX_BYTES = 256 * 1024
 MAX_DEPTH = 16
-
-
-class BadEvent(Exception):
-    """Input that can never become a valid event; it goes to the dead letters, never retried."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -12,30 +12,18 @@ retry) reaches the next one.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import subprocess
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
-from kombu.connection import Connection
 from sqlalchemy import Engine
 
-from orderonce.broker import dead_letter_exchange_name, dead_letter_queue
 from orderonce.config import Settings
+from orderonce.dev.sandboxes import connect
 from producers import Publisher
 from producers.relay import RelayPass, relay_once
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKER_NAMES = ("redis", "rabbitmq")
-# Ordered-queue tests use a few shards; their queues are deleted by name up to this many.
-MAX_SHARDS_DELETED = 16
 
 
 @dataclass(frozen=True)
@@ -59,82 +47,9 @@ def settings_from_env(env: dict[str, str]) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def listening(url: str, timeout_s: float = 1.0) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or 5672), timeout_s
-        ):
-            return True
-    except OSError:
-        return False
-
-
-def _vhost_url(url: str, vhost: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + quote(vhost, safe="")))
-
-
-def _rabbitmqctl(*args: str) -> bool:
-    if shutil.which("rabbitmqctl") is None:
-        return False
-    try:
-        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-@contextlib.contextmanager
-def session_vhost(url: str) -> Iterator[tuple[str, bool]]:
-    """A private virtual host's URL and True, or the given URL and False when none can be made."""
-    user = unquote(urlsplit(url).username or "guest")
-    vhost = f"orderonce-test-{uuid.uuid4().hex[:8]}"
-    if not (
-        _rabbitmqctl("add_vhost", vhost)
-        and _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-    ):
-        _rabbitmqctl("delete_vhost", vhost)
-        yield url, False
-        return
-    private = _vhost_url(url, vhost)
-    try:
-        if not _can_connect(private):
-            yield url, False
-        else:
-            yield private, True
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
-
-
-def _connect(url: str) -> Any:
-    return Connection(url, connect_timeout=5)  # type: ignore[no-untyped-call]  # kombu: no hints
-
-
-def _can_connect(url: str) -> bool:
-    try:
-        with _connect(url) as conn:
-            conn.ensure_connection(max_retries=1)
-        return True
-    except Exception:
-        return False
-
-
-def delete_declared(url: str, settings: Settings) -> None:
-    """Delete the queues and exchanges orderonce declares for ``settings.queue``."""
-    base = settings.queue
-    queues = [base, *(f"{base}.{i}" for i in range(MAX_SHARDS_DELETED))]
-    with _connect(url) as conn:
-        for name in [*queues, dead_letter_queue(settings).name]:
-            with contextlib.suppress(Exception):
-                conn.default_channel.queue_delete(name)
-        for name in [*queues, dead_letter_exchange_name(settings)]:
-            with contextlib.suppress(Exception):
-                conn.default_channel.exchange_delete(name)
-
-
 def message_count(url: str, queue: str) -> int:
     """Messages ready in ``queue`` (a passive declare: it must exist)."""
-    with _connect(url) as conn:
+    with connect(url) as conn:
         declared = conn.default_channel.queue_declare(queue, passive=True)
         return int(declared.message_count)
 

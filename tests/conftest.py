@@ -15,24 +15,19 @@ import redis
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
-from producers import Publisher
-from tests.brokers import (
+from orderonce.dev.sandboxes import (
     DEFAULT_AMQP_URL,
-    Broker,
     delete_declared,
+    empty_redis_db,
+    fresh_database,
     listening,
     session_vhost,
-    settings_from_env,
 )
-from tests.servers import (
-    ServerUrls,
-    empty_redis_db,
-    fast_timings,
-    fresh_database,
-    session_servers,
-)
+from producers import Publisher
+from tests.brokers import Broker, settings_from_env
+from tests.servers import ServerUrls, fast_timings, session_servers
 from tests.workers import WorkerFactory
-from worker.db import make_engine
+from worker.store.db import make_engine
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
-from worker import reports
+from worker.ops import reports
 
 
 def scalar(db: Engine, sql: str, **params: object) -> int:

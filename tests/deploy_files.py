@@ -26,7 +26,7 @@ from orderonce.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-METRICS_MODULE = ROOT / "worker" / "metrics.py"
+METRICS_MODULE = ROOT / "worker" / "ops" / "metrics.py"
 
 
 def load_yaml(path: Path) -> Any:
@@ -177,7 +177,7 @@ _KINDS = {
 
 
 def defined_metrics(path: Path = METRICS_MODULE) -> dict[str, MetricDef]:
-    """Every metric worker/metrics.py creates, read from its source: the constructor calls of
+    """Every metric worker/ops/metrics.py creates, read from its source: the constructor calls of
     prometheus-client classes, with names given as literals or module constants."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     constants = {

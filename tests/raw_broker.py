@@ -8,8 +8,8 @@ from typing import Any
 
 from kombu import Connection
 
-from orderonce.broker import TASK_NAME, make_celery
 from orderonce.config import Settings
+from worker.messaging.broker import TASK_NAME, make_celery
 
 
 def task_headers(settings: Settings, task: str = TASK_NAME) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from orderonce.processes import WorkerProcess
-from orderonce.processes import wait_until as _wait_until
+from orderonce.dev.processes import WorkerProcess
+from orderonce.dev.processes import wait_until as _wait_until
 
 T = TypeVar("T")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from orderonce.chaos import broken, workload
-from orderonce.chaos.runner import ChaosOptions, run
-from tests.brokers import DEFAULT_AMQP_URL, listening, session_vhost
+from orderonce.dev.chaos import broken, workload
+from orderonce.dev.chaos.runner import ChaosOptions, run
+from orderonce.dev.sandboxes import DEFAULT_AMQP_URL, listening, session_vhost
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 

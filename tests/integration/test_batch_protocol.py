@@ -1,4 +1,4 @@
-"""The batch protocol (worker/exactly_once_batch.py) against real PostgreSQL and Redis, without
+"""The batch protocol (worker/protocol.py) against real PostgreSQL and Redis, without
 Celery: the same outcomes as the single-event protocol, per event, whatever shares a batch.
 
 Threads stand in for workers so that two batches can be made to overlap; the crash tests with
@@ -19,15 +19,17 @@ import pytest
 from sqlalchemy import Engine, event, text
 
 from orderonce.config import Settings
-from orderonce.demo_stream import build_stream
+from orderonce.dev.demo_stream import build_stream
+from orderonce.errors import LockBusy, NotYetApplicable
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
 from tests.db import assert_verified
 from tests.servers import ServerUrls
-from worker import batch_effects, exactly_once, exactly_once_batch, failpoints
-from worker.errors import LockBusy, NotYetApplicable
-from worker.locks import BatchLocks, EventLocks, lock_client, lock_name
+from worker import protocol
+from worker.protocol import failpoints
+from worker.protocol.locks import BatchLocks, EventLocks, lock_client, lock_name
+from worker.store.effects import batch as batch_effects
 
 
 @pytest.fixture
@@ -60,10 +62,10 @@ def _body(event: CloudEvent) -> bytes:
 
 def _batch(
     items: list[CloudEvent | bytes], engine: Engine, locks: BatchLocks
-) -> exactly_once_batch.BatchOutcome:
+) -> protocol.BatchOutcome:
     bodies = [i if isinstance(i, bytes) else _body(i) for i in items]
-    return exactly_once_batch.process_batch(
-        bodies, engine=engine, locks=locks, config=exactly_once.Config(), message_id="m1"
+    return protocol.process_batch(
+        bodies, engine=engine, locks=locks, config=protocol.Config(), message_id="m1"
     )
 
 
@@ -73,7 +75,7 @@ def _single_until_done(bodies: list[bytes], engine: Engine, locks: EventLocks) -
         pending = []
         for body in bodies:
             try:
-                exactly_once.process(body, engine=engine, locks=locks, message_id=str(uuid.uuid4()))
+                protocol.process(body, engine=engine, locks=locks, message_id=str(uuid.uuid4()))
             except (LockBusy, NotYetApplicable):
                 pending.append(body)
         bodies = pending
@@ -148,7 +150,7 @@ def test_a_batch_ends_as_the_same_events_one_by_one(
     # checkout retries, double clicks held for a person, out-of-stock), first one by one...
     stream = build_stream("B1", 150, 0.1, seed=3)
     for p in stream.restocks:
-        exactly_once.process(p.body.encode(), engine=db, locks=locks)
+        protocol.process(p.body.encode(), engine=db, locks=locks)
     _single_until_done([p.body.encode() for p in stream.publications], db, locks)
     one_by_one = _state(db, stream.sources_prefix)
     assert_verified(db)
@@ -162,7 +164,7 @@ def test_a_batch_ends_as_the_same_events_one_by_one(
 
     # ...then the same stream in batches of 40, with what they hand back run one by one.
     for p in stream.restocks:
-        exactly_once.process(p.body.encode(), engine=db, locks=locks)
+        protocol.process(p.body.encode(), engine=db, locks=locks)
     bodies = [p.body.encode() for p in stream.publications]
     handed_back: list[bytes] = []
     for i in range(0, len(bodies), 40):
@@ -337,9 +339,7 @@ def test_what_the_batch_cannot_apply_is_handed_back_without_a_trace(
     assert [h.why for h in result.handed_back] == ["too_early"]
     assert _scalar(db, "SELECT count(*) FROM processed_messages") == 1  # only the restock
     # Its order arrives; on the single path it applies once.
-    exactly_once.process(
-        _body(events.created(order, [("SKU-A", 1, "10.00")])), engine=db, locks=locks
-    )
+    protocol.process(_body(events.created(order, [("SKU-A", 1, "10.00")])), engine=db, locks=locks)
     _single_until_done([h.body for h in result.handed_back], db, locks)
     assert _scalar(db, "SELECT status FROM orders") == "paid"
     assert_verified(db)

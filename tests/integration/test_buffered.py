@@ -15,8 +15,8 @@ import redis
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
-from orderonce.demo_stream import build_stream
-from orderonce.processes import WorkerProcess
+from orderonce.dev.demo_stream import build_stream
+from orderonce.dev.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events

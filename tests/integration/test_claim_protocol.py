@@ -15,21 +15,21 @@ import redis
 from sqlalchemy import Engine, func, select, text
 
 from orderonce.config import Settings
+from orderonce.errors import LockBusy, NotYetApplicable
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
 from tests.servers import ServerUrls
-from worker import exactly_once
-from worker.errors import LockBusy, NotYetApplicable
-from worker.locks import EventLocks, lock_client, lock_name
-from worker.tables import dead_letters, inventory, inventory_movements, processed_messages
+from worker import protocol
+from worker.protocol.locks import EventLocks, lock_client, lock_name
+from worker.store.tables import dead_letters, inventory, inventory_movements, processed_messages
 
 
-def _run(event: CloudEvent | bytes, engine: Engine, locks: EventLocks) -> exactly_once.Outcome:
+def _run(event: CloudEvent | bytes, engine: Engine, locks: EventLocks) -> protocol.Outcome:
     body = event if isinstance(event, bytes) else to_json(event).encode()
     while True:  # what Celery's retry does for a busy lock, minus the broker round trip
         try:
-            return exactly_once.process(body, engine=engine, locks=locks)
+            return protocol.process(body, engine=engine, locks=locks)
         except LockBusy:
             time.sleep(0.01)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orderonce.embedded import STATE_FILE
+from orderonce.dev.embedded import STATE_FILE
 
 
 @pytest.fixture
@@ -64,9 +64,10 @@ def test_cli_starts_reuses_and_stops_the_embedded_servers(state_dir: Path) -> No
 
     # Apply one event directly through the protocol, against the embedded servers.
     code = (
-        "import sys; from orderonce.config import resolve, settings; from worker.db import "
-        "make_engine; from worker.locks import EventLocks, lock_client; from worker import "
-        "exactly_once; u = resolve(); print(exactly_once.process(sys.stdin.buffer.read(), "
+        "import sys; from orderonce.config import settings; from orderonce.dev.embedded import "
+        "urls_or_embedded; from worker.store.db import make_engine; from worker.protocol.locks "
+        "import EventLocks, lock_client; from worker import protocol; "
+        "u = urls_or_embedded(settings()); print(protocol.process(sys.stdin.buffer.read(), "
         "engine=make_engine(u.database_url, settings()), locks=EventLocks(lock_client("
         "u.redis_url), 5000)).kind)"
     )

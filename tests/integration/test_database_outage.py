@@ -17,13 +17,13 @@ import redis
 from sqlalchemy import Engine, create_engine, text
 
 from orderonce.config import Settings
-from orderonce.embedded import PrivatePostgres
+from orderonce.dev.embedded import PrivatePostgres
 from producers import Publisher
 from tests import events
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
-from worker.migrate import upgrade
+from worker.ops import reports
+from worker.store.migrate import upgrade
 
 
 @pytest.fixture

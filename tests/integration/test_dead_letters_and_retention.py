@@ -15,8 +15,10 @@ from tests import events
 from tests.db import scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, run_cli, wait_until
-from worker import dead_letters, exactly_once, reports, retention
-from worker.locks import EventLocks, lock_client
+from worker import protocol
+from worker.ops import reports, retention
+from worker.protocol.locks import EventLocks, lock_client
+from worker.store import dead_letters
 
 _cli = run_cli
 
@@ -237,7 +239,7 @@ def test_a_duplicate_between_the_phases_of_prune_is_caught(
     locks = EventLocks(lock_client(servers.redis_url), settings.lock_ttl_ms)
     bodies = [to_json(events.restock(f"SKU-PH{i}", 3)).encode() for i in range(3)]
     for body in bodies:
-        assert exactly_once.process(body, engine=db, locks=locks).kind == "applied"
+        assert protocol.process(body, engine=db, locks=locks).kind == "applied"
     body = bodies[1]
     with db.begin() as conn:
         conn.execute(text("UPDATE processed_messages SET processed_at = now() - interval '2 days'"))
@@ -247,7 +249,7 @@ def test_a_duplicate_between_the_phases_of_prune_is_caught(
         assert seconds == pytest.approx(settings.statement_timeout_ms / 1000 + 1)
         assert scalar(db, "SELECT count(*) FROM processed_tombstones") == 3
         assert scalar(db, "SELECT count(*) FROM processed_messages") == 3
-        seen.append(exactly_once.process(body, engine=db, locks=locks).kind)
+        seen.append(protocol.process(body, engine=db, locks=locks).kind)
 
     report = retention.prune(
         db,
@@ -258,7 +260,7 @@ def test_a_duplicate_between_the_phases_of_prune_is_caught(
     )
     assert (seen, report.moved, report.batches) == (["duplicate"], 3, 4)
     assert scalar(db, "SELECT count(*) FROM processed_messages") == 0
-    assert exactly_once.process(body, engine=db, locks=locks).kind == "duplicate"
+    assert protocol.process(body, engine=db, locks=locks).kind == "duplicate"
     assert scalar(db, "SELECT count(*) FROM inventory_movements") == 3
 
 

@@ -12,14 +12,15 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
+from orderonce.errors import LockBusy
 from producers import build_event
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
 from tests.servers import ServerUrls
-from worker import exactly_once, reports
-from worker.errors import LockBusy
-from worker.locks import EventLocks, lock_client
+from worker import protocol
+from worker.ops import reports
+from worker.protocol.locks import EventLocks, lock_client
 
 ITEMS = [("SKU-D", 2, "10.00"), ("SKU-E", 1, "5.50")]
 
@@ -28,14 +29,14 @@ ITEMS = [("SKU-D", 2, "10.00"), ("SKU-E", 1, "5.50")]
 def apply(db: Engine, servers: ServerUrls) -> Any:
     locks = EventLocks(lock_client(servers.redis_url), 5000)
 
-    def run(event: CloudEvent, policy: str = "hold", window_s: int = 600) -> exactly_once.Outcome:
-        config = exactly_once.Config(
+    def run(event: CloudEvent, policy: str = "hold", window_s: int = 600) -> protocol.Outcome:
+        config = protocol.Config(
             duplicate_policy=policy,  # type: ignore[arg-type]
             duplicate_window=timedelta(seconds=window_s),
         )
         while True:
             try:
-                return exactly_once.process(
+                return protocol.process(
                     to_json(event).encode(), engine=db, locks=locks, config=config
                 )
             except LockBusy:
@@ -183,7 +184,7 @@ def test_two_submissions_at_the_same_moment_give_one_order(
     # two threads released by a barrier, each on its own connection.
     locks = EventLocks(lock_client(servers.redis_url), 5000)
     for event in (events.restock("SKU-D", 1000), events.restock("SKU-E", 1000)):
-        exactly_once.process(to_json(event).encode(), engine=db, locks=locks)
+        protocol.process(to_json(event).encode(), engine=db, locks=locks)
     for _ in range(20):
         customer = events.uid("C")
         key = events.uid("K") if same == "key" else None
@@ -192,15 +193,15 @@ def test_two_submissions_at_the_same_moment_give_one_order(
             for _ in range(2)
         ]
         barrier = threading.Barrier(2)
-        outcomes: list[exactly_once.Outcome] = []
+        outcomes: list[protocol.Outcome] = []
 
         def submit(
             event: CloudEvent,
             barrier: threading.Barrier = barrier,
-            outcomes: list[exactly_once.Outcome] = outcomes,
+            outcomes: list[protocol.Outcome] = outcomes,
         ) -> None:
             barrier.wait()
-            outcomes.append(exactly_once.process(to_json(event).encode(), engine=db, locks=locks))
+            outcomes.append(protocol.process(to_json(event).encode(), engine=db, locks=locks))
 
         threads = [threading.Thread(target=submit, args=(e,)) for e in pair]
         for t in threads:

@@ -17,15 +17,15 @@ import psycopg
 import pytest
 import redis
 
-from orderonce.embedded import (
+from orderonce.dev.embedded import (
     STATE_FILE,
-    EmbeddedServerError,
     EmbeddedServers,
     PrivatePostgres,
     PrivateRedis,
     ensure_servers,
     stop_servers,
 )
+from orderonce.errors import EmbeddedServerError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,7 +169,7 @@ def test_concurrent_callers_share_one_server_each(state_dir: Path, tmp_path: Pat
     script = f"""
 import json, os, sys, time
 from pathlib import Path
-from orderonce.embedded import ensure_servers
+from orderonce.dev.embedded import ensure_servers
 while not os.path.exists({str(go)!r}):
     time.sleep(0.005)
 servers = ensure_servers(Path({str(state_dir)!r}))

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
+from orderonce.errors import BadEvent
 from producers import Publisher
 from producers.publisher import to_json
-from schemas import BadEvent, parse_event
+from schemas import parse_event
 from tests import events
 from tests.raw_broker import publish_raw_message, task_headers
 from tests.servers import ServerUrls

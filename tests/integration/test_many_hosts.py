@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from orderonce.broker import RESTORE_MUTEX_EXPIRE_S, make_celery
 from orderonce.config import Settings
-from orderonce.processes import WorkerProcess
+from orderonce.dev.processes import WorkerProcess
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
 from tests.brokers import relay_pass
 from tests.db import rows, scalar
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
+from worker.messaging.broker import RESTORE_MUTEX_EXPIRE_S, make_celery
+from worker.ops import reports
 
 pytestmark = pytest.mark.chaos
 

@@ -7,9 +7,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from tests.servers import ServerUrls, fresh_database
-from worker.migrate import alembic_config, upgrade
-from worker.tables import metadata
+from orderonce.dev.sandboxes import fresh_database
+from tests.servers import ServerUrls
+from worker.store.migrate import alembic_config, upgrade
+from worker.store.tables import metadata
 
 
 def test_migrations_match_the_tables_and_round_trip(servers: ServerUrls) -> None:

@@ -22,7 +22,8 @@ from producers import Publisher
 from tests import events
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
-from worker import dead_letters, metrics, reports
+from worker.ops import metrics, reports
+from worker.store import dead_letters
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -14,7 +14,7 @@ from tests import events
 from tests.brokers import BROKER_NAMES, Broker
 from tests.db import scalar
 from tests.workers import WorkerFactory, run_cli, wait_until
-from worker import reports
+from worker.ops import reports
 
 pytestmark = pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 

@@ -12,12 +12,13 @@ import redis
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
-from producers import Publisher, outbox
+from producers import Publisher
 from producers.relay import relay_once
 from schemas import CloudEvent
 from tests import events
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
+from worker.store import outbox
 
 RESEND_AFTER = timedelta(seconds=1)
 

@@ -17,8 +17,8 @@ from tests import events
 from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
-from worker.locks import lock_name
-from worker.processed import finish_run, start_run
+from worker.protocol.locks import lock_name
+from worker.store.processed import finish_run, start_run
 
 
 def test_only_runs_a_crash_ended_are_counted(db: Engine) -> None:

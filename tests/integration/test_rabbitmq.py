@@ -15,14 +15,14 @@ from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Queue
 from sqlalchemy import Engine, text
 
-from orderonce.broker import dead_letter_queue, make_celery
 from producers import Publisher
 from producers.publisher import to_json
 from tests import events
 from tests.brokers import Broker, message_count
 from tests.db import scalar
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
+from worker.messaging.broker import dead_letter_queue, make_celery
+from worker.ops import reports
 
 pytestmark = pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 

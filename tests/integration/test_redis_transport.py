@@ -3,10 +3,10 @@ per channel, a new one for a new pool, and messages still recorded as unacked un
 
 from __future__ import annotations
 
-from orderonce import redis_transport
-from orderonce.broker import make_celery
 from orderonce.config import Settings
 from tests.servers import ServerUrls
+from worker.messaging import transport as redis_transport
+from worker.messaging.broker import make_celery
 
 
 def test_a_channel_reuses_its_client_and_builds_a_new_one_for_a_new_pool(

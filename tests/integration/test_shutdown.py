@@ -16,7 +16,7 @@ from producers import Publisher
 from tests import events
 from tests.brokers import BROKER_NAMES, Broker, redis_holds_nothing, relay_pass
 from tests.workers import WorkerFactory, wait_until
-from worker import reports
+from worker.ops import reports
 
 
 def _processed(db: Engine) -> int:

@@ -8,8 +8,9 @@ from sqlalchemy import Engine, text
 
 from producers.publisher import to_json
 from tests import events
-from worker import exactly_once, reports
-from worker.locks import EventLocks, lock_client
+from worker import protocol
+from worker.ops import reports
+from worker.protocol.locks import EventLocks, lock_client
 
 
 def _apply_some(db: Engine, redis_url: str) -> str:
@@ -20,7 +21,7 @@ def _apply_some(db: Engine, redis_url: str) -> str:
         events.created(order, [("SKU-V", 2, "3.00")]),
         events.paid(order, "6.00"),
     ):
-        exactly_once.process(to_json(event).encode(), engine=db, locks=locks)
+        protocol.process(to_json(event).encode(), engine=db, locks=locks)
     return order
 
 

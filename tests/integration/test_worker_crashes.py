@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import Engine
 
 from orderonce.config import Settings
-from orderonce.embedded import PrivateRedis
+from orderonce.dev.embedded import PrivateRedis
 from producers import Publisher
 from schemas import CloudEvent
 from tests import events
@@ -24,7 +24,7 @@ from tests.brokers import BROKER_NAMES
 from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
-from worker.locks import lock_name
+from worker.protocol.locks import lock_name
 
 # Every test here runs on Redis and on RabbitMQ (tests/brokers.py): the broker is where a
 # crashed worker's message must come back from.

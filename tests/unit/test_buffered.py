@@ -1,23 +1,21 @@
-"""Buffered mode's message handling (worker/buffered.py) with stand-ins for kombu messages and
-for the batch protocol: which messages are buffered, and what happens to each message after a
+"""Buffered mode's message handling (worker/messaging/buffered.py) with stand-ins for kombu
+messages and for the batch protocol: which messages are buffered, and what happens to each message after a
 commit, a hand-back, a database outage and a bug. The real thing, with real workers and
 kills, is tests/integration/test_buffered.py."""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from orderonce.broker import BATCH_TASK_NAME, TASK_NAME
-from worker import buffered
-from worker.exactly_once import Outcome
-from worker.exactly_once_batch import HandedBack
+from worker.messaging import buffered
+from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME
+from worker.protocol.batch import HandedBack
+from worker.protocol.single import Outcome
 
 
 class FakeMessage:
@@ -43,10 +41,13 @@ class FakeMessage:
         self.fate = "requeued"
 
 
+_APPLY: dict[str, Any] = {}
+
+
 @pytest.fixture
 def batch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """A stand-in for worker.celery_app (which would build the Celery app) and its
-    apply_batch: ``batch["result"]`` is returned, or raised if it is an exception."""
+    """A stand-in for the batch protocol the consumer gives the buffer: ``batch["result"]`` is
+    returned, or raised if it is an exception."""
     state: dict[str, Any] = {"calls": [], "result": ([], [])}
 
     def apply_batch(bodies: list[bytes], *, message_ids: list[str | None], quick_tries: int) -> Any:
@@ -59,9 +60,7 @@ def batch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
             raise result
         return result
 
-    module = types.ModuleType("worker.celery_app")
-    module.apply_batch = apply_batch  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "worker.celery_app", module)
+    monkeypatch.setitem(_APPLY, "apply", apply_batch)
     monkeypatch.setattr(buffered.time, "sleep", lambda _: None)
     yield state
 
@@ -73,7 +72,9 @@ def _buffer(
     never fires (the buffer is applied when full)."""
     singles: list[FakeMessage] = []
     call_later = loop.call_later if loop is not None else lambda d, fn: _Timer()
-    buf = buffered.Buffer(size, 0.005, 0.05, singles.append, call_later, tries_again=tries_again)
+    buf = buffered.Buffer(
+        size, 0.005, 0.05, singles.append, _APPLY["apply"], call_later, tries_again=tries_again
+    )
     return buf, singles
 
 
@@ -191,7 +192,9 @@ def test_a_shutdown_keeps_nothing_for_later(batch: dict[str, Any]) -> None:
 
 def test_without_an_event_loop_nothing_is_kept_for_later(batch: dict[str, Any]) -> None:
     singles: list[FakeMessage] = []
-    buf = buffered.Buffer(10, 0.005, 0.05, singles.append, None, tries_again=5)  # no event loop
+    buf = buffered.Buffer(
+        10, 0.005, 0.05, singles.append, _APPLY["apply"], None, tries_again=5
+    )  # no event loop
     msg = FakeMessage("a")
     batch["result"] = ([], [HandedBack(b"a", "too_early", "", 0)])
     buf.offer(msg)
@@ -220,7 +223,9 @@ def test_a_bug_sends_each_message_alone_down_the_default_path(batch: dict[str, A
 
 
 def test_a_lost_connection_drops_the_buffer_unapplied(batch: dict[str, Any]) -> None:
-    buf = buffered.Buffer(10, 1.0, 1.0, lambda m: None, lambda delay, fn: _Timer())
+    buf = buffered.Buffer(
+        10, 1.0, 1.0, lambda m: None, _APPLY.get("apply"), lambda delay, fn: _Timer()
+    )
     msgs = [FakeMessage("a"), FakeMessage("b")]
     for m in msgs:
         buf.offer(m)

@@ -10,9 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from orderonce.chaos import workload
+from orderonce.dev.chaos import workload
 from schemas import parse_event
-from worker import failpoints
+from worker.protocol import failpoints
 
 
 def test_the_workload_has_every_kind_and_marks_each_window() -> None:

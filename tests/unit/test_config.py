@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from orderonce.broker import check_celery_safety, make_celery
-from orderonce.config import Settings, UnsafeSettings, check_safety, settings
-from orderonce.redis_transport import TRANSPORT as REDIS_TRANSPORT
+from orderonce.config import Settings, check_safety, settings
+from orderonce.errors import UnsafeSettings
+from worker.messaging.broker import check_celery_safety, make_celery
+from worker.messaging.transport import TRANSPORT as REDIS_TRANSPORT
 
 BROKER = "redis://127.0.0.1:1/0"  # never connected to: make_celery only configures
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from sqlalchemy.exc import DataError, OperationalError
 
-from worker.db import is_transient
+from worker.store.db import is_transient
 
 
 def test_a_connection_that_never_answered_is_transient() -> None:

@@ -20,7 +20,7 @@ from schemas.events import (
     OrderReleasedEvent,
     OrderShippedEvent,
 )
-from worker.domain import (
+from worker.domain.rules import (
     Decision,
     Deferred,
     Leg,

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orderonce.errors import BadEvent
 from schemas.events import (
     EVENT_TYPES,
     InventoryRestockedEvent,
@@ -21,7 +22,7 @@ from schemas.events import (
     OrderReleasedEvent,
     OrderShippedEvent,
 )
-from schemas.parsing import BadEvent, canonical_json, parse_event, payload_hash, strict_json
+from schemas.parsing import canonical_json, parse_event, payload_hash, strict_json
 
 ENVELOPE: dict[str, Any] = {
     "specversion": "1.0",

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from orderonce.broker import (
+from orderonce.config import Settings, check_safety
+from orderonce.errors import UnsafeSettings
+from worker.messaging.broker import (
     TASK_NAME,
     check_celery_safety,
     dead_letter_queue,
@@ -16,8 +18,7 @@ from orderonce.broker import (
     retry_countdown,
     task_queue_names,
 )
-from orderonce.config import Settings, UnsafeSettings, check_safety
-from worker.broker_dead_letters import describe
+from worker.messaging.rabbitmq_dead_letters import describe
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 REDIS = "redis://127.0.0.1:6379/1"

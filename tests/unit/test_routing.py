@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from orderonce.routing import jump_hash, key_hash, ordering_key, queue_for_key, shard_queues
+from worker.messaging.routing import jump_hash, key_hash, ordering_key, queue_for_key, shard_queues
 
 KEYS = [f"ORD-{i:06d}" for i in range(20_000)]
 MANY_KEYS = [f"ORD-{i:06d}" for i in range(100_000)]

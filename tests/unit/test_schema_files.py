@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from orderonce.errors import BadEvent
 from schemas import generate
 from schemas.events import CLOUD_EVENT, EVENT_TYPES
-from schemas.parsing import BadEvent, parse_event
+from schemas.parsing import parse_event
 
 SAMPLES: dict[str, dict[str, Any]] = {
     "inventory.restocked": {"sku": "SKU-1", "quantity": 10},

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.events import OrderCreated
-from worker.submissions import (
+from worker.domain.submissions import (
     Conflict,
     Duplicate,
     NewOrder,

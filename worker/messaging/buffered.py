@@ -1,0 +1,266 @@
+"""Buffered consumption (opt-in, ``orderonce worker --pool solo --buffered N``): many
+single-event messages, one transaction.
+
+Default mode runs one Celery task, with one durable commit, per message. Here the worker's
+consumer reserves up to N messages (its prefetch), keeps the plain ones in a buffer, and when N
+are there, or some time after the first arrived (as long as the previous batch took, between
+``buffered_wait_ms`` and ``buffered_max_wait_ms``), applies them together with the batch
+protocol (``worker.protocol.batch.apply_with_quick_tries``, given by the consumer): one pipelined
+Redis round trip to lock, one transaction, one to unlock. Producers do not change.
+
+Guarantee: that of the batch protocol, per event, and the message rule of default mode:
+
+- A message is acked only after its event's outcome (applied, rejected, duplicate, dead
+  letter) is committed. Until then it is unacked: a worker killed with a full buffer, or in the
+  middle of the commit, gives every message back (visibility timeout; a warm shutdown applies
+  and acks the buffer first, and a lost connection gives it back at once), and the
+  redelivered copies are applied once (nothing was committed) or counted as redeliveries
+  (everything was).
+- Each event keeps its own message id (the Celery task id) on its processed row, as on the
+  single path, so a redelivered message is told from a producer's copy.
+- Only plain messages are buffered: task ``orderonce.process_event``, JSON, one string
+  argument, no ETA/countdown, no retry budget used yet, not redelivered. Everything else (ETA
+  retries, batch messages, redelivered messages, which need the durable poison count, and
+  anything Celery or ``worker/consumer.py`` dead-letters) goes to Celery's usual handling, the
+  default mode's code, unchanged.
+- An event too early for its order, or whose lock another worker holds, is tried again at
+  once, then stays in the buffer, unacked, ahead of the messages that came since, and is
+  tried again in the next batches (up to ``batch_too_early_retries`` - 1 of them). What it waits
+  for is most often another worker's batch committing right now; batch messages sleep between
+  such tries (10, 20, 40, 80 ms), which would hold every message of this buffer back, and
+  those still arriving. An order's later events in the buffer are handed back with it (the
+  batch protocol keeps an order's events in sequence), so they stay behind it.
+- An event the batch protocol hands back otherwise (still too early after those tries, a
+  deferred or conflicting submission, a copy of a pruned event) is not republished: its own
+  message is given to Celery's usual handling right after the commit, i.e. the default mode's
+  single path, with its retries and budgets. So is every message of a buffer whose batch failed
+  for a reason that is not a database outage (a bug): alone, each gets the poison limit. A
+  database outage (transient error after the protocol's own retries) requeues every message of
+  the buffer, after a pause; none is acked.
+
+Why it needs ``--pool solo``: the buffer is applied in the consumer's own process, on its event
+loop, as the solo pool runs its tasks. With prefork, the main process would apply events while
+its children ran others, and prefetch would be N times the concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kombu.transport.virtual import QoS as VirtualQoS
+
+from worker.messaging.broker import TASK_NAME
+from worker.messaging.retry import ATTEMPTS_HEADER
+from worker.ops import metrics
+from worker.protocol import HandedBack, Outcome
+from worker.store.db import is_transient
+
+log = logging.getLogger(__name__)
+
+# bodies, their message ids, quick tries -> outcomes and what was handed back
+ApplyBatch = Callable[..., tuple[list[Outcome], list[HandedBack]]]
+
+
+@dataclass(frozen=True)
+class Buffered:
+    message: Any  # kombu Message, unacked
+    body: bytes
+    message_id: str | None
+    tries: int = 0  # batches it was handed back from to be tried again soon
+
+
+def plain_event(message: Any) -> Buffered | None:
+    """The message as a buffered event, or None when it must take Celery's usual path."""
+    headers = message.headers
+    if not isinstance(headers, dict) or headers.get("task") != TASK_NAME:
+        return None
+    if headers.get("eta") is not None or headers.get("redelivered"):
+        return None
+    if (message.delivery_info or {}).get("redelivered"):
+        return None
+    if headers.get(ATTEMPTS_HEADER):
+        return None  # a retry (with its budgets): the single path counts them
+    try:
+        decoded = message.decode()
+    except Exception:  # Celery's path decodes it again and dead-letters it for its reason
+        return None
+    if not isinstance(decoded, list | tuple) or len(decoded) != 3:
+        return None
+    args, kwargs = decoded[0], decoded[1]
+    if not isinstance(args, list | tuple) or len(args) != 1 or kwargs:
+        return None
+    body = args[0]
+    if not isinstance(body, str):
+        return None
+    task_id = headers.get("id")
+    return Buffered(
+        message,
+        body.encode("utf-8", "surrogatepass"),
+        task_id if isinstance(task_id, str) else None,
+    )
+
+
+class Buffer:
+    """Up to ``size`` plain messages; applied together when full or some time after the first:
+    as long as the previous batch took (group commit), at least ``wait_s``, at most
+    ``max_wait_s``.
+
+    ``single`` hands one message to Celery's usual handling (the default mode's task);
+    ``apply(bodies, message_ids=..., quick_tries=...)`` runs the batch protocol on them;
+    ``call_later(delay, fn)`` schedules ``fn`` on the consumer's event loop (or None: no wait);
+    ``tries_again``: an event too early for its order, or whose lock is busy, is tried again at
+    once, then in up to ``tries_again`` - 1 of the next batches, before it goes to ``single``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        wait_s: float,
+        max_wait_s: float,
+        single: Callable[[Any], None],
+        apply: ApplyBatch,
+        call_later: Callable[[float, Callable[[], None]], Any] | None,
+        connection_errors: tuple[type[BaseException], ...] = (),
+        tries_again: int = 0,
+    ) -> None:
+        self.size = size
+        self.quick_tries = min(1, tries_again)
+        # Without an event loop nothing would apply the buffer again: no carrying over.
+        self.later_tries = tries_again - self.quick_tries if call_later is not None else 0
+        self.wait_s = wait_s
+        self.max_wait_s = max_wait_s
+        self._last_s = 0.0  # how long the previous batch took
+        self._single = single
+        self._apply_batch = apply
+        self._call_later = call_later
+        self._connection_errors = connection_errors
+        self._items: list[Buffered] = []
+        self._timer: Any = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, message: Any) -> bool:
+        """Keep the message for the next batch; False when it must take Celery's usual path."""
+        item = plain_event(message)
+        if item is None:
+            return False
+        self._items.append(item)
+        if len(self._items) >= self.size or self._call_later is None:
+            self.flush()
+        else:
+            self._schedule()
+        return True
+
+    def _schedule(self) -> None:
+        if self._timer is None and self._items and self._call_later is not None:
+            wait = min(max(self.wait_s, self._last_s), self.max_wait_s)
+            self._timer = self._call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self, *, last: bool = False) -> None:
+        """Apply what is buffered; ``last``: nothing stays for a later batch (a shutdown)."""
+        items = self._take()
+        if items:
+            self._apply(items, last)
+        self._schedule()
+
+    def discard(self) -> int:
+        """Forget the buffered messages, unacked (the broker gives them back); how many."""
+        return len(self._take())
+
+    def _take(self) -> list[Buffered]:
+        items, self._items = self._items, []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return items
+
+    def _apply(self, items: list[Buffered], last: bool) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes, handed_back = self._apply_batch(
+                [i.body for i in items],
+                message_ids=[i.message_id for i in items],
+                quick_tries=self.quick_tries,
+            )
+        except Exception as exc:
+            if is_transient(exc):
+                # Nothing committed. Give every message back to the broker, not acked.
+                log.warning(
+                    "database unavailable; requeueing %d buffered messages: %s", len(items), exc
+                )
+                metrics.observe_retry("database")
+                time.sleep(0.5)  # don't spin on a database that is down
+                for item in items:
+                    item.message.reject_log_error(log, self._connection_errors, requeue=True)
+                return
+            # Nothing of it committed. Alone, each message gets the single path's retries and
+            # poison limit, so one bad event cannot hold the others back.
+            log.exception("buffered batch of %d failed; each message goes alone", len(items))
+            for item in items:
+                self._single(item.message)
+            return
+        self._last_s = time.perf_counter() - started
+        back = sorted(handed_back, key=lambda h: h.position)
+        returned = {h.position for h in back}
+        # Committed: ack every message whose event has its outcome now.
+        self._ack([item.message for p, item in enumerate(items) if p not in returned])
+        elapsed = time.perf_counter() - started
+        metrics.observe_outcomes(outcomes, elapsed)
+        # Kept, unacked, for the next batch; messages arriving meanwhile go after them, so an
+        # order's events stay in sequence (its later ones in this batch were handed back too).
+        again: list[Buffered] = []
+        alone: list[Any] = []
+        for h in back:
+            item = items[h.position]
+            if h.worth_trying_again_soon and item.tries < self.later_tries and not last:
+                again.append(replace(item, tries=item.tries + 1))
+            else:
+                alone.append(item.message)
+        self._items = again + self._items
+        # Handed back otherwise: each message, still unacked, runs the default mode's task, in
+        # order.
+        for message in alone:
+            self._single(message)
+
+    def _ack(self, messages: list[Any]) -> None:
+        """Ack these messages; on kombu's Redis transport in one round trip (a pipeline of what
+        ``Message.ack`` sends for each) instead of one each. A failure leaves them unacked:
+        the broker redelivers them and they are counted as redeliveries."""
+        if not messages:
+            return
+        channel = messages[0].channel
+        qos: Any = getattr(channel, "qos", None)
+        remove = getattr(qos, "_remove_from_indices", None)
+        pipe_or_acquire = getattr(qos, "pipe_or_acquire", None)
+        if (
+            not isinstance(qos, VirtualQoS)
+            or remove is None
+            or pipe_or_acquire is None
+            or any(m.channel is not channel or m.acknowledged for m in messages)
+        ):
+            for m in messages:
+                m.ack_log_error(log, self._connection_errors)
+            return
+        try:
+            with pipe_or_acquire() as pipe:
+                for m in messages:
+                    remove(m.delivery_tag, pipe)
+                pipe.execute()
+        except Exception as exc:
+            log.warning(
+                "could not ack %d messages (they will be redelivered): %s", len(messages), exc
+            )
+            return
+        for m in messages:
+            # The rest of Message.ack: the channel's own bookkeeping, and the message's state.
+            VirtualQoS.ack(qos, m.delivery_tag)  # type: ignore[no-untyped-call]  # kombu
+            m._state = "ACK"

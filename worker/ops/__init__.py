@@ -1,0 +1,1 @@
+"""What operators use: reports and ``verify``, retention, dead-letter admin, metrics, health."""
