@@ -18,7 +18,7 @@ from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker.protocol.locks import lock_name
-from worker.store.processed import finish_run, start_run
+from worker.store.deliveries import finish_run, start_run
 
 
 def test_only_runs_a_crash_ended_are_counted(db: Engine) -> None:
