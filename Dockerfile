@@ -14,11 +14,11 @@ COPY orderonce ./orderonce
 COPY worker ./worker
 COPY producers ./producers
 COPY schemas ./schemas
-# Runtime dependencies only: no `[dev]` extra (no test, lint or type-checking tools).
+# Runtime dependencies only: no `[dev]` extra (no test, lint or type-checking tools) and no
+# `[embedded]` one (compose sets every ORDERONCE_*_URL; without them a command says so).
 RUN pip install .
 
-# Least privilege: the worker needs no root and no writable code; the embedded servers are
-# never used here (compose sets every ORDERONCE_*_URL), but their state dir must be writable.
+# Least privilege: the worker needs no root and no writable code.
 USER orderonce
 WORKDIR /home/orderonce
 ENTRYPOINT ["orderonce"]

@@ -33,7 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.throughput import _handled, _stream, _worker_env
+from bench.harness import demo_stream as _stream
+from bench.harness import handled as _handled
+from bench.harness import worker_env as _worker_env
 from orderonce.config import Settings, Urls, settings
 from orderonce.dev.demo_stream import DemoStream
 from orderonce.dev.embedded import urls_or_embedded

@@ -7,6 +7,8 @@ that caught those keeps working.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class OrderOnceError(Exception):
     """Root of orderonce's own errors."""
@@ -90,7 +92,14 @@ class Unhealthy(OrderOnceError):
 
 
 class EmbeddedServerError(OrderOnceError, RuntimeError):
-    """An embedded server could not be started, reached or stopped."""
+    """An embedded server could not be started, reached or stopped; ``log_path`` names its log,
+    and the message ends with the log's last lines."""
+
+    def __init__(self, message: str, log_path: Path | None = None, log_tail: str = "") -> None:
+        self.log_path = log_path
+        if log_path is not None:
+            message = f"{message}\n  log file: {log_path}{log_tail}"
+        super().__init__(message)
 
 
 class WorkerDidNotStart(OrderOnceError, RuntimeError):

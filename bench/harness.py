@@ -1,0 +1,351 @@
+"""What every measurement of ``bench.throughput`` shares: its options, workers as processes,
+a pre-filled queue handed over at once (a drain), a paced load, commit times seen from outside,
+RSS sampling, a database with history, and the machine's description."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from sqlalchemy import Engine, text
+
+from bench import cpu
+from orderonce.config import Settings
+from orderonce.dev.demo import count_run
+from orderonce.dev.demo_stream import DemoStream, build_stream
+from orderonce.dev.processes import WorkerProcess
+from orderonce.dev.sandboxes import fresh_database, libpq_url
+from worker import protocol
+from worker.protocol.locks import BatchLocks
+from worker.store.db import make_engine
+
+
+@dataclass(frozen=True)
+class Options:
+    events: int = 2000
+    runs: int = 3
+    workers: tuple[int, ...] = (1, 2, 4)
+    latency_seconds: float = 4.0
+    ceiling_seconds: float = 3.0
+    batch_events: int = 20000
+    batch_size: int = 100
+    batch_interval_s: float = 0.02
+    buffered: int = 100  # (b''): orderonce worker --buffered N; 0 leaves it out
+    history_events: int = 20000  # applied (and ANALYZEd) before each orderonce measurement
+
+
+QUEUE = "bench.orderonce"
+
+
+DRAIN_TIMEOUT_S = 600.0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quantiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p99 in milliseconds, of samples in seconds."""
+    if len(samples) < 2:
+        return {"p50_ms": math.nan, "p99_ms": math.nan}
+    q = statistics.quantiles(samples, n=100, method="inclusive")
+    return {"p50_ms": round(q[49] * 1000, 2), "p99_ms": round(q[98] * 1000, 2)}
+
+
+def stash(queue: str) -> str:
+    return f"{queue}.stash"
+
+
+class CeleryWorker(WorkerProcess):
+    """A plain ``celery worker`` for the baseline, started and stopped like orderonce's."""
+
+    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self._out = log.open("ab")
+        self._offset = self._out.tell()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.noop_app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "--loglevel=INFO",
+                # As `orderonce worker` runs Celery.
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                f"--hostname={name}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _rss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """The largest RSS of each worker's process tree (the process and its children)."""
+
+    def __init__(self, pids: list[int], interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self._pids = pids
+        self._interval = interval
+        self._done = threading.Event()
+        self.max_kib = dict.fromkeys(pids, 0)
+
+    def _sample(self) -> None:
+        by_parent = cpu.children()
+        for pid in self._pids:
+            rss = sum(_rss_kib(p) for p in cpu.process_tree(pid, by_parent))
+            self.max_kib[pid] = max(self.max_kib[pid], rss)
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self._sample()
+            self._done.wait(self._interval)
+
+    def finish(self) -> list[float]:
+        """Stop; the largest RSS of each worker, in MiB."""
+        self._done.set()
+        self.join()
+        return [round(kib / 1024, 1) for kib in self.max_kib.values()]
+
+
+@contextlib.contextmanager
+def running(workers: list[WorkerProcess]) -> Iterator[RssSampler]:
+    try:
+        for w in workers:
+            w.wait_ready(timeout=90)
+        sampler = RssSampler([w.proc.pid for w in workers])
+        sampler.start()
+        try:
+            yield sampler
+        finally:
+            sampler.finish()
+    finally:
+        for w in workers:
+            w.terminate()
+
+
+def worker_env(**values: str) -> dict[str, str]:
+    # orderonce's defaults: none of the caller's ORDERONCE_* tunings (or signing keys) apply.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERONCE_")}
+    return env | values
+
+
+def send_paced(count: int, rate: float, send: Callable[[int], None]) -> None:
+    """Call ``send(i)`` for i < count at ``rate`` per second (open loop: no waiting on results)."""
+    start = time.perf_counter()
+    for i in range(count):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        send(i)
+
+
+def redis_calls(r: redis.Redis) -> dict[str, int]:
+    """Commands served so far by the Redis server, by name (INFO commandstats)."""
+    stats: dict[str, dict[str, int]] = r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def per_event(before: dict[str, int], after: dict[str, int], events: int) -> dict[str, float]:
+    """Redis commands per event between two readings (the benchmark's INFO excluded)."""
+    deltas = {k: n - before.get(k, 0) for k, n in after.items() if k != "info"}
+    per = {k: round(d / events, 2) for k, d in sorted(deltas.items()) if d / events >= 0.005}
+    return per | {"total": round(sum(per.values()), 2)}
+
+
+class CommitListener:
+    """When each processed row's transaction committed, as seen from outside: for the time of
+    the ``with`` block, a trigger in the benchmark's own database notifies on every processed
+    row, and PostgreSQL delivers a notification at commit (never for a rolled back one)."""
+
+    CHANNEL = "bench_processed"
+
+    def __init__(self, database_url: str) -> None:
+        self._url = libpq_url(database_url)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._conn = psycopg.connect(self._url, autocommit=True)
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def _ddl(self, install: bool) -> None:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            if install:
+                conn.execute(
+                    "CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$"
+                    f" BEGIN PERFORM pg_notify('{self.CHANNEL}',"
+                    " json_build_array(NEW.source, NEW.event_id)::text); RETURN NULL; END $$"
+                )
+                conn.execute(
+                    "CREATE TRIGGER bench_notify AFTER INSERT ON processed_messages"
+                    " FOR EACH ROW EXECUTE FUNCTION bench_notify()"
+                )
+            else:
+                conn.execute("DROP TRIGGER bench_notify ON processed_messages")
+                conn.execute("DROP FUNCTION bench_notify()")
+
+    def _listen(self) -> None:
+        while True:
+            quiet = True
+            for note in self._conn.notifies(timeout=0.2):
+                at = time.time()
+                source, event_id = json.loads(note.payload)
+                self.seen.setdefault((source, event_id), at)
+                quiet = False
+            if quiet and self._done.is_set():
+                return
+
+    def __enter__(self) -> CommitListener:
+        self._conn.execute(f"LISTEN {self.CHANNEL}")
+        self._ddl(install=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._conn.close()
+        self._ddl(install=False)
+
+
+def demo_stream(run: str, count: int, seed: int) -> DemoStream:
+    """The demo's stream with exactly ``count`` publications after its restocks."""
+    orders = max(1, math.ceil(count / 3))
+    while len((stream := build_stream(run, orders, 0.1, seed)).publications) < count:
+        orders += max(1, orders // 10)
+    stream.publications = stream.publications[:count]
+    return stream
+
+
+def restamped(body: str, at: float) -> str:
+    event = json.loads(body)
+    event["time"] = datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def handled(engine: Engine, stream: DemoStream) -> int:
+    """Deliveries with an outcome: processed rows plus the copies counted on them."""
+    counts = count_run(engine, stream)
+    return counts["settled"] + counts["duplicates"]
+
+
+def task_times(logs: list[str]) -> dict[str, float]:
+    """From the workers' JSON logs: mean time of orderonce's protocol per event (its
+    ``duration_ms``: parse to commit and unlock) and of the Celery task around it."""
+    protocol, task = [], []
+    for line in (line for log in logs for line in log.splitlines()):
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if "duration_ms" in entry:
+            protocol.append(float(entry["duration_ms"]))
+        elif " succeeded in " in entry.get("msg", ""):
+            with contextlib.suppress(ValueError):
+                task.append(1000 * float(entry["msg"].split(" succeeded in ")[1].split("s:")[0]))
+    return {
+        "events": len(protocol),
+        "protocol_mean_ms": round(statistics.mean(protocol), 2) if protocol else math.nan,
+        "task_mean_ms": round(statistics.mean(task), 2) if task else math.nan,
+    }
+
+
+def handed_back(logs: list[str]) -> int:
+    """From the workers' JSON logs: events that batch messages handed to the single path, from
+    each batch task's result (the protocol's own log lines count every quick try again too)."""
+    results = (
+        json.loads(line)["msg"]
+        for log in logs
+        for line in log.splitlines()
+        if line.startswith("{") and "process_batch[" in line and " succeeded in " in line
+    )
+    return sum(int(m.group(1)) for r in results if (m := re.search(r"'handed_back': (\d+)", r)))
+
+
+@contextlib.contextmanager
+def database_with_history(server_url: str, redis_url: str, events: int) -> Iterator[str]:
+    """A fresh database holding the history of ``events`` earlier events, analyzed: what a
+    worker meets in production. On an empty database PostgreSQL plans the batch statements
+    for tiny tables (sequential scans) and keeps those plans while the tables grow, until
+    autovacuum's first ANALYZE, a minute later; a drain of a few seconds would measure only
+    that cold start (batch mode: about 4,500 instead of 7,000 events/s in one process over
+    20,000 events). The history goes in through the batch protocol, in this process."""
+    with fresh_database(server_url) as database_url:
+        if events:
+            engine = make_engine(database_url, Settings(queue=QUEUE))
+            client = redis.Redis.from_url(redis_url)
+            locks = BatchLocks(client, Settings().lock_ttl_ms)
+            history = demo_stream(f"H{uuid.uuid4().hex[:6].upper()}", events, 99)
+            bodies = [p.body.encode() for p in history.restocks + history.publications]
+            for i in range(0, len(bodies), 100):  # what it hands back is left out: history
+                protocol.process_batch(
+                    bodies[i : i + 100], engine=engine, locks=locks, config=protocol.Config()
+                )
+            with engine.begin() as conn:
+                conn.execute(text("ANALYZE"))
+            engine.dispose()
+            client.close()
+        yield database_url
+
+
+def machine(database_url: str, redis_url: str, embedded: bool) -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    url = libpq_url(database_url)
+    with psycopg.connect(url) as conn:
+        pg = {
+            name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+            for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers")
+        }
+    info = redis.Redis.from_url(redis_url).info("server")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **{
+            pkg: importlib.metadata.version(pkg)
+            for pkg in ("celery", "kombu", "redis", "psycopg", "sqlalchemy")
+        },
+        "postgres": pg,
+        "redis_server": info.get("redis_version"),
+        "servers": "embedded" if embedded else "ORDERONCE_DATABASE_URL / ORDERONCE_REDIS_URL",
+    }

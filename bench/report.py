@@ -1,0 +1,230 @@
+"""What ``bench.throughput`` makes of its runs: medians and ratios, and the printed table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return median(known) if len(known) == len(values) and known else None
+
+
+def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for n in workers:
+        at = [r for r in runs if r["workers"] == n]
+
+        def med(system: str, *path: str, rows: list[dict[str, Any]] = at) -> float:
+            values = []
+            for r in rows:
+                v: Any = r[system]
+                for key in path:
+                    v = v[key]
+                values.append(float(v))
+            return median(values)
+
+        def spread(system: str, key: str, rows: list[dict[str, Any]] = at) -> list[float]:
+            return [min(r[system][key] for r in rows), max(r[system][key] for r in rows)]
+
+        summary[str(n)] = {
+            "plain_celery": {
+                "events_per_s": med("plain_celery", "events_per_s"),
+                "events_per_s_range": spread("plain_celery", "events_per_s"),
+                "p50_ms": med("plain_celery", "latency", "p50_ms"),
+                "p99_ms": med("plain_celery", "latency", "p99_ms"),
+                "max_rss_mib": max(max(r["plain_celery"]["rss_mib"]) for r in at),
+            },
+            "orderonce": {
+                "events_per_s": med("orderonce", "events_per_s"),
+                "events_per_s_range": spread("orderonce", "events_per_s"),
+                "p50_ms": med("orderonce", "latency", "p50_ms"),
+                "p99_ms": med("orderonce", "latency", "p99_ms"),
+                "to_transaction_start_p50_ms": med(
+                    "orderonce", "latency", "to_transaction_start", "p50_ms"
+                ),
+                "protocol_mean_ms": med("orderonce", "in_worker", "protocol_mean_ms"),
+                "task_mean_ms": med("orderonce", "in_worker", "task_mean_ms"),
+                "max_rss_mib": max(max(r["orderonce"]["rss_mib"]) for r in at),
+            },
+            "orderonce_batch": {
+                "events_per_s": med("orderonce_batch", "events_per_s"),
+                "events_per_s_range": spread("orderonce_batch", "events_per_s"),
+                "p50_ms": med("orderonce_batch", "latency", "p50_ms"),
+                "p99_ms": med("orderonce_batch", "latency", "p99_ms"),
+                "offered_per_s": med("orderonce_batch", "latency", "offered_per_s"),
+                "max_rss_mib": max(max(r["orderonce_batch"]["rss_mib"]) for r in at),
+                "verify_ok": all(r["orderonce_batch"]["verify_ok"] for r in at),
+            },
+            "batch_db_ceiling": {
+                "events_per_s": med("batch_db_ceiling", "events_per_s"),
+                "events_per_s_range": spread("batch_db_ceiling", "events_per_s"),
+                "p50_ms": med("batch_db_ceiling", "batch_p50_ms"),
+                "p99_ms": med("batch_db_ceiling", "batch_p99_ms"),
+                "server_cpu_us_per_event": median_or_none(
+                    [r["batch_db_ceiling"]["server_cpu_us_per_event"] for r in at]
+                ),
+            },
+            "batch_cpu_us_per_event": {
+                whose: median_or_none([r["orderonce_batch"]["cpu_us_per_event"][whose] for r in at])
+                for whose in ("workers", "database", "redis", "total")
+            },
+            "db_ceiling": {
+                "commits_per_s": med("db_ceiling", "commits_per_s"),
+                "commits_per_s_range": spread("db_ceiling", "commits_per_s"),
+                "p50_ms": med("db_ceiling", "transaction", "p50_ms"),
+                "p99_ms": med("db_ceiling", "transaction", "p99_ms"),
+            },
+            "redis_commands_per_event": {
+                "plain_celery": med("plain_celery", "redis_commands_per_event", "total"),
+                "orderonce": med("orderonce", "redis_commands_per_event", "total"),
+                "orderonce_batch": med("orderonce_batch", "redis_commands_per_event", "total"),
+            },
+            "b_over_a": median([r["b_over_a"] for r in at]),
+            "b_over_c": median([r["b_over_c"] for r in at]),
+            "batch_over_a": median([r["batch_over_a"] for r in at]),
+            "batch_over_c": median([r["batch_over_c"] for r in at]),
+            "batch_over_batch_c": median([r["batch_over_batch_c"] for r in at]),
+        }
+        if all("orderonce_buffered" in r for r in at):
+            summary[str(n)] |= {
+                "orderonce_buffered": {
+                    "events_per_s": med("orderonce_buffered", "events_per_s"),
+                    "events_per_s_range": spread("orderonce_buffered", "events_per_s"),
+                    "p50_ms": med("orderonce_buffered", "latency", "p50_ms"),
+                    "p99_ms": med("orderonce_buffered", "latency", "p99_ms"),
+                    "offered_per_s": med("orderonce_buffered", "latency", "offered_per_s"),
+                    "max_rss_mib": max(max(r["orderonce_buffered"]["rss_mib"]) for r in at),
+                    "verify_ok": all(r["orderonce_buffered"]["verify_ok"] for r in at),
+                    "redis_commands_per_event": med(
+                        "orderonce_buffered", "redis_commands_per_event", "total"
+                    ),
+                },
+                "buffered_over_a": median([r["buffered_over_a"] for r in at]),
+                "buffered_over_c": median([r["buffered_over_c"] for r in at]),
+            }
+    first = summary[str(workers[0])]
+    summary["scaling"] = {
+        system: {
+            str(n): round(summary[str(n)][system][key] / first[system][key], 2) for n in workers
+        }
+        for system, key in (
+            ("plain_celery", "events_per_s"),
+            ("orderonce", "events_per_s"),
+            ("orderonce_batch", "events_per_s"),
+            ("orderonce_buffered", "events_per_s"),
+            ("db_ceiling", "commits_per_s"),
+            ("batch_db_ceiling", "events_per_s"),
+        )
+        if system in first
+    }
+    return summary
+
+
+def verified(run: dict[str, Any]) -> bool:
+    modes = ("orderonce", "orderonce_batch", "orderonce_buffered")
+    return all(run[m]["verify_ok"] for m in modes if m in run)
+
+
+def print_results(results: dict[str, Any]) -> None:
+    m, o, summary = results["machine"], results["options"], results["summary"]
+    print(
+        f"\nthroughput: {o['events']} events per drain, median of {o['runs']} runs;"
+        f" {m['nproc']} cores, Python {m['python']}, Celery {m['celery']},"
+        f" PostgreSQL {m['postgres']['server_version']}, Redis {m['redis_server']}"
+    )
+    print(
+        f"  {'workers':>7}  {'':34}{'events/s':>10}{'(range)':>13}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'RSS MiB':>9}"
+    )
+    names = {
+        "plain_celery": "(a) plain Celery, no-op task",
+        "orderonce": "(b) orderonce, demo stream",
+        "orderonce_batch": "(b') orderonce batch mode",
+        "orderonce_buffered": "(b'') buffered default mode",
+        "db_ceiling": "(c) database ceiling (commits/s)",
+        "batch_db_ceiling": "(c') batch mode's database ceiling",
+    }
+    for n in o["workers"]:
+        row = summary[str(n)]
+        for system, name in names.items():
+            if system not in row:
+                continue
+            s = row[system]
+            rate = s.get("events_per_s", s.get("commits_per_s"))
+            low, high = s.get("events_per_s_range", s.get("commits_per_s_range"))
+            spread = f"{low:.0f}-{high:.0f}"
+            rss = f"{s['max_rss_mib']:9.0f}" if "max_rss_mib" in s else f"{'':9}"
+            print(
+                f"  {n:>7}  {name:34}{rate:10.0f}{spread:>13}{s['p50_ms']:9.1f}{s['p99_ms']:9.1f}"
+                f"{rss}"
+            )
+        print(
+            f"  {'':7}  b/a {row['b_over_a']:.2f}   b/c {row['b_over_c']:.2f}"
+            f"   b'/a {row['batch_over_a']:.2f}   b'/c {row['batch_over_c']:.2f}"
+            + f"   b'/c' {row['batch_over_batch_c']:.2f}"
+            + (
+                f"   b''/a {row['buffered_over_a']:.2f}   b''/c {row['buffered_over_c']:.2f}"
+                if "buffered_over_a" in row
+                else ""
+            )
+        )
+        split = row["batch_cpu_us_per_event"]
+        if split["total"] is not None:
+            print(
+                f"  {'':7}  batch mode's CPU per event: workers {split['workers']:.0f} µs,"
+                f" PostgreSQL {split['database']:.0f} µs, Redis {split['redis']:.0f} µs;"
+                f" {m['nproc']} cores / {split['total']:.0f} µs ="
+                f" {m['nproc'] / split['total'] * 1e6:.0f} events/s at most"
+            )
+    scaling = summary["scaling"]
+    for system, name in names.items():
+        if system not in scaling:
+            continue
+        steps = ", ".join(f"{n}: {x:.2f}x" for n, x in scaling[system].items())
+        print(f"  scaling {name.split(',')[0]}: {steps}")
+    print(
+        "  latency: publish to work started (a) / committed (b), at a steady load of half (b)'s"
+        " drain rate, the same for (a); (c): one transaction. RSS: largest worker process."
+    )
+    print(
+        f"  batch mode: {o['batch_events']} events per drain, {o['batch_size']} per message;"
+        " its latency runs from each event's due time, batching wait included"
+    )
+    print("\nper message, by workers:")
+    for n in o["workers"]:
+        row = summary[str(n)]
+        b = row["orderonce"]
+        print(
+            f"  {n}: every {1000 * n / row['plain_celery']['events_per_s']:.2f} ms per worker for"
+            f" (a), {1000 * n / b['events_per_s']:.2f} ms for (b): its task {b['task_mean_ms']:.2f}"
+            f" ms, the protocol in it {b['protocol_mean_ms']:.2f} ms; Redis commands (a)"
+            f" {row['redis_commands_per_event']['plain_celery']:.1f},"
+            f" (b) {row['redis_commands_per_event']['orderonce']:.1f}"
+        )
+    alone = results["protocol_alone"]
+    print(
+        f"\nwhere the time goes: orderonce's protocol alone (protocol.process, no Celery, one"
+        f" thread): {alone['events_per_s']:.0f} events/s"
+    )
+    print(f"  {'':38}{'events':>7}{'mean ms':>9}{'CPU ms':>8}{'PG trips':>10}{'Redis cmds':>12}")
+    for kind, k in [*alone["by_kind"].items(), ("all", alone["all"])]:
+        print(
+            f"  {kind:38}{k['events']:7d}{k['mean_ms']:9.2f}{k['cpu_mean_ms']:8.2f}"
+            f"{k['postgres_round_trips']:10.1f}{k['redis_commands']:12.1f}"
+        )
+    print("  CPU: this process's own; the rest of the time is waiting for PostgreSQL and Redis.")
+    batch = results["batch_protocol_alone"]
+    server = batch["server_cpu_us_per_event"]
+    print(
+        f"  batch protocol alone (protocol.process_batch, {o['batch_size']} per batch,"
+        f" one thread): {batch['events_per_s']:.0f} events/s, CPU per event"
+        f" {batch['cpu_us_per_event']:.0f} µs here"
+        + (f" and {server:.0f} µs in PostgreSQL" if server is not None else "")
+        + f", {batch['statements_per_batch']:.1f} statements per batch"
+    )
