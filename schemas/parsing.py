@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from orderonce.errors import BadEvent
 from schemas.events import CLOUD_EVENT, CloudEvent
+from schemas.vocabulary import DeadLetterReason
 
 DEFAULT_MAX_BYTES = 256 * 1024
 MAX_DEPTH = 16
@@ -25,13 +26,13 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise BadEvent("malformed_json", f"duplicate key {key!r}")
+            raise BadEvent(DeadLetterReason.MALFORMED_JSON, f"duplicate key {key!r}")
         obj[key] = value
     return obj
 
 
 def _reject_constant(name: str) -> Any:
-    raise BadEvent("malformed_json", f"{name} is not valid JSON")
+    raise BadEvent(DeadLetterReason.MALFORMED_JSON, f"{name} is not valid JSON")
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -65,22 +66,24 @@ def strict_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadEvent("malformed_json", f"not UTF-8: {exc}") from None
+        raise BadEvent(DeadLetterReason.MALFORMED_JSON, f"not UTF-8: {exc}") from None
     try:
         value = _DECODER.decode(text)
     except RecursionError:
-        raise BadEvent("malformed_json", "nesting too deep") from None
+        raise BadEvent(DeadLetterReason.MALFORMED_JSON, "nesting too deep") from None
     except ValueError as exc:  # JSONDecodeError, and e.g. integers past int_max_str_digits
-        raise BadEvent("malformed_json", str(exc)[:500]) from None
+        raise BadEvent(DeadLetterReason.MALFORMED_JSON, str(exc)[:500]) from None
     # A value nests no deeper than its containers plus one, and every container has a bracket
     # in the text (brackets in strings only add to the count): most bodies need no walk.
     few = text.count("{") + text.count("[") < MAX_DEPTH
     if not few and _depth(value, MAX_DEPTH) > MAX_DEPTH:
-        raise BadEvent("malformed_json", f"nesting deeper than {MAX_DEPTH} levels")
+        raise BadEvent(DeadLetterReason.MALFORMED_JSON, f"nesting deeper than {MAX_DEPTH} levels")
     # JSON may escape NUL (\u0000); PostgreSQL text cannot store it, so no event may hold one.
     # The substring test is a cheap filter; the walk decides.
     if "\\u0000" in text and _holds_nul(value):
-        raise BadEvent("malformed_json", "a string holds NUL (\\u0000), which cannot be stored")
+        raise BadEvent(
+            DeadLetterReason.MALFORMED_JSON, "a string holds NUL (\\u0000), which cannot be stored"
+        )
     return value
 
 
@@ -102,10 +105,14 @@ def _location(loc: tuple[int | str, ...]) -> str:
 def _schema_reason(exc: ValidationError) -> str:
     errors = exc.errors()
     if any(e["type"] in ("union_tag_invalid", "union_tag_not_found") for e in errors):
-        return "unknown_type" if errors[0]["type"] == "union_tag_invalid" else "bad_envelope"
+        return (
+            DeadLetterReason.UNKNOWN_TYPE
+            if errors[0]["type"] == "union_tag_invalid"
+            else DeadLetterReason.BAD_ENVELOPE
+        )
     if all(len(e["loc"]) > 1 and e["loc"][1] == "data" for e in errors):
-        return "bad_schema"
-    return "bad_envelope"
+        return DeadLetterReason.BAD_SCHEMA
+    return DeadLetterReason.BAD_ENVELOPE
 
 
 def as_bytes(body: bytes | str) -> bytes:
@@ -117,10 +124,10 @@ def as_bytes(body: bytes | str) -> bytes:
 def parse_event(body: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> CloudEvent:
     raw = as_bytes(body)
     if len(raw) > max_bytes:
-        raise BadEvent("oversized", f"{len(raw)} bytes, the limit is {max_bytes}")
+        raise BadEvent(DeadLetterReason.OVERSIZED, f"{len(raw)} bytes, the limit is {max_bytes}")
     value = strict_json(raw)
     if not isinstance(value, dict):
-        raise BadEvent("bad_envelope", "a CloudEvent is a JSON object")
+        raise BadEvent(DeadLetterReason.BAD_ENVELOPE, "a CloudEvent is a JSON object")
     try:
         return CLOUD_EVENT.validate_python(value)
     except ValidationError as exc:

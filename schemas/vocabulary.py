@@ -69,14 +69,10 @@ class DeadLetterReason(StrEnum):
     BROKER_EXPIRED = "broker_expired"
     BROKER_MAXLEN = "broker_maxlen"
 
-    @property
-    def keeps_event_body(self) -> bool:
-        """False when the dead letter keeps a broker message or task arguments, which
-        ``orderonce dead-letters replay`` cannot send as an event."""
-        return self not in _NOT_EVENT_BODIES
 
-
-_NOT_EVENT_BODIES = frozenset(
+# Dead letters that keep a broker message or a task's arguments as they arrived, not an event
+# body: ``orderonce dead-letters replay`` refuses them.
+NOT_EVENT_BODIES = frozenset(
     {
         DeadLetterReason.BAD_TASK_ARGUMENTS,
         DeadLetterReason.CONTENT_TYPE_REFUSED,

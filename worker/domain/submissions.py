@@ -24,6 +24,7 @@ from typing import Literal
 import orjson
 
 from schemas.events import OrderCreated, ShippingAddress
+from schemas.vocabulary import DeadLetterReason, DuplicateCause
 
 Policy = Literal["hold", "reject", "allow"]
 
@@ -82,13 +83,13 @@ class NewOrder:
 
 @dataclass(frozen=True)
 class Duplicate:
-    cause: Literal["same_key", "same_order_id"]
+    cause: Literal[DuplicateCause.SAME_KEY, DuplicateCause.SAME_ORDER_ID]
     original: str
 
 
 @dataclass(frozen=True)
 class Conflict:
-    reason: Literal["idempotency_key_conflict", "order_id_conflict"]
+    reason: Literal[DeadLetterReason.IDEMPOTENCY_KEY_CONFLICT, DeadLetterReason.ORDER_ID_CONFLICT]
     original: str
     original_fingerprint: str | None
 
@@ -111,12 +112,16 @@ def judge(
 ) -> Verdict:
     if same_key is not None:
         if same_key.fingerprint == fingerprint:
-            return Duplicate("same_key", same_key.order_id)
-        return Conflict("idempotency_key_conflict", same_key.order_id, same_key.fingerprint)
+            return Duplicate(DuplicateCause.SAME_KEY, same_key.order_id)
+        return Conflict(
+            DeadLetterReason.IDEMPOTENCY_KEY_CONFLICT, same_key.order_id, same_key.fingerprint
+        )
     if same_order_id is not None:
         if same_order_id.fingerprint == fingerprint:
-            return Duplicate("same_order_id", same_order_id.order_id)
-        return Conflict("order_id_conflict", same_order_id.order_id, same_order_id.fingerprint)
+            return Duplicate(DuplicateCause.SAME_ORDER_ID, same_order_id.order_id)
+        return Conflict(
+            DeadLetterReason.ORDER_ID_CONFLICT, same_order_id.order_id, same_order_id.fingerprint
+        )
     if similar is not None and policy != "allow":
         if policy == "hold":
             return NewOrder(hold_as_duplicate_of=similar.order_id)

@@ -53,6 +53,7 @@ from typing import Any
 
 from kombu.transport.virtual import QoS as VirtualQoS
 
+from schemas.vocabulary import RetryCause
 from worker.messaging.broker import TASK_NAME
 from worker.messaging.retry import ATTEMPTS_HEADER
 from worker.ops import metrics
@@ -197,7 +198,7 @@ class Buffer:
                 log.warning(
                     "database unavailable; requeueing %d buffered messages: %s", len(items), exc
                 )
-                metrics.observe_retry("database")
+                metrics.observe_retry(RetryCause.DATABASE)
                 time.sleep(0.5)  # don't spin on a database that is down
                 for item in items:
                     item.message.reject_log_error(log, self._connection_errors, requeue=True)

@@ -27,6 +27,7 @@ from kombu.exceptions import ContentDisallowed
 from vine import promise
 
 from orderonce.errors import UnsafeSettings
+from schemas.vocabulary import DeadLetterReason
 from worker.messaging.buffered import Buffer
 from worker.messaging.runtime import runtime_of
 from worker.ops import metrics
@@ -57,7 +58,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
             try:
                 handle(message)
             except Exception as exc:  # never let one message stop the consumer
-                if self._keep(message, "invalid_message", exc):
+                if self._keep(message, DeadLetterReason.INVALID_MESSAGE, exc):
                     message.ack_log_error(log, self.connection_errors)
 
         self.buffer = self._make_buffer(single)
@@ -65,7 +66,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
 
         def on_task_received(message: Any) -> None:
             if message.content_type not in ACCEPTED_CONTENT_TYPES:
-                if self._keep(message, "content_type_refused", None):
+                if self._keep(message, DeadLetterReason.CONTENT_TYPE_REFUSED, None):
                     message.ack_log_error(log, self.connection_errors)
                 return
             if buffer is not None and buffer.offer(message):
@@ -124,7 +125,7 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
                 log.warning("connection lost: %d buffered messages left to redelivery", dropped)
         super().on_close()
 
-    def _keep(self, message: Any, reason: str, exc: BaseException | None) -> bool:
+    def _keep(self, message: Any, reason: DeadLetterReason, exc: BaseException | None) -> bool:
         """Record the message as a dead letter; False if that failed (then it is requeued)."""
         headers = message.headers or {}
         detail = (f"{type(exc).__name__}: {exc}; " if exc is not None else "") + (
@@ -142,7 +143,11 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         return True
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        reason = "content_type_refused" if isinstance(exc, ContentDisallowed) else "undecodable"
+        reason = (
+            DeadLetterReason.CONTENT_TYPE_REFUSED
+            if isinstance(exc, ContentDisallowed)
+            else DeadLetterReason.UNDECODABLE
+        )
         if self._keep(message, reason, exc):
             super().on_decode_error(message, exc)
 
@@ -151,14 +156,18 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
     # record it a second time. It is recorded already, so it is acknowledged instead.
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if self._keep(message, "not_a_task", None):
+        if self._keep(message, DeadLetterReason.NOT_A_TASK, None):
             message.ack_log_error(log, self.connection_errors)
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        if self._keep(message, "unknown_task", exc):
+        if self._keep(message, DeadLetterReason.UNKNOWN_TASK, exc):
             message.ack_log_error(log, self.connection_errors)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        reason = "content_type_refused" if isinstance(exc, ContentDisallowed) else "invalid_task"
+        reason = (
+            DeadLetterReason.CONTENT_TYPE_REFUSED
+            if isinstance(exc, ContentDisallowed)
+            else DeadLetterReason.INVALID_TASK
+        )
         if self._keep(message, reason, exc):
             message.ack_log_error(log, self.connection_errors)

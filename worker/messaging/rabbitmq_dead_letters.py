@@ -24,6 +24,7 @@ from celery import bootsteps
 from kombu.connection import Connection
 from kombu.messaging import Consumer
 
+from schemas.vocabulary import DeadLetterReason
 from worker.messaging.broker import TASK_NAME, dead_letter_queue, is_amqp
 from worker.messaging.runtime import runtime_of
 from worker.ops import metrics
@@ -35,10 +36,10 @@ log = logging.getLogger(__name__)
 # the others would mean something dead-lettered a message on purpose (a reject without
 # requeue, a message TTL, a length limit).
 DEATH_REASONS = {
-    "delivery_limit": "delivery_limit",
-    "rejected": "broker_rejected",
-    "expired": "broker_expired",
-    "maxlen": "broker_maxlen",
+    "delivery_limit": DeadLetterReason.DELIVERY_LIMIT,
+    "rejected": DeadLetterReason.BROKER_REJECTED,
+    "expired": DeadLetterReason.BROKER_EXPIRED,
+    "maxlen": DeadLetterReason.BROKER_MAXLEN,
 }
 # Prefetch of the dead-letter consumer: dead letters are rare, and recording one is a short
 # transaction in the worker's main process.
@@ -101,7 +102,9 @@ def describe(body: bytes, content_type: str | None, headers: Mapping[str, Any]) 
     event = _event_body(body, content_type, headers)
     if event is None:
         # Not an orderonce task: keep the whole message, under a reason replay refuses.
-        return BrokerDeadLetter(body, "invalid_message", f"{detail}; not an orderonce task")
+        return BrokerDeadLetter(
+            body, DeadLetterReason.INVALID_MESSAGE, f"{detail}; not an orderonce task"
+        )
     return BrokerDeadLetter(event, reason, detail)
 
 

@@ -24,22 +24,10 @@ from sqlalchemy import Connection, Engine, func, or_, select, text, update
 
 from orderonce.errors import BadEvent, DeadLetterError
 from schemas import CLOUD_EVENT, CloudEvent, parse_event, payload_hash
+from schemas.vocabulary import NOT_EVENT_BODIES, OutcomeKind
 from worker.store.dead_letters import BODY_KEEP_BYTES
 from worker.store.tables import dead_letters
 
-# Recorded by the Celery side before any event was read (worker/consumer.py, celery_app.py):
-# what they keep is the broker message or the task's arguments, not an event body.
-NOT_AN_EVENT_BODY = frozenset(
-    {
-        "content_type_refused",
-        "undecodable",
-        "not_a_task",
-        "unknown_task",
-        "invalid_task",
-        "invalid_message",
-        "bad_task_arguments",
-    }
-)
 MAX_EVENT_ID = 128  # schemas/events.py: the envelope's id
 
 _dl = dead_letters.c
@@ -237,10 +225,12 @@ def _as_new(conn: Connection, dead_letter_id: int, event: CloudEvent) -> CloudEv
         )
     if original.payload_hash == payload_hash(event) and original.outcome in (
         None,
-        "applied",
-        "deferred",
+        OutcomeKind.APPLIED,
+        OutcomeKind.DEFERRED,
     ):
-        state = "was applied" if original.outcome != "deferred" else "is deferred, waiting"
+        state = (
+            "was applied" if original.outcome != OutcomeKind.DEFERRED else "is deferred, waiting"
+        )
         raise DeadLetterError(
             f"this very content {state} as {where}: under a new id it would take effect twice"
         )
@@ -301,7 +291,10 @@ def _observe(
         )
         if not settled and again is None:
             return None
-        if prior.payload_hash == digest and prior.outcome in ("rejected", "dead_lettered"):
+        if prior.payload_hash == digest and prior.outcome in (
+            OutcomeKind.REJECTED,
+            OutcomeKind.DEAD_LETTERED,
+        ):
             return _Seen(
                 "already_processed",
                 f"already processed: nothing changed ({where} was {prior.outcome}: "
@@ -333,7 +326,7 @@ def _observe(
             prior.reason,
         )
     if now is not None and now.outcome is not None:
-        if now.outcome == "dead_lettered":
+        if now.outcome == OutcomeKind.DEAD_LETTERED:
             return _Seen(
                 "dead_lettered",
                 f"dead-lettered again: {now.reason} (a conflict with an earlier event)",
@@ -420,7 +413,7 @@ def _replay_blocker(row: Any) -> str | None:
     """Why this dead letter cannot be replayed, if it cannot."""
     if row.status == "discarded":
         return f"dead letter {row.dead_letter_id} was discarded: {row.resolution_note}"
-    if row.reason in NOT_AN_EVENT_BODY:
+    if row.reason in NOT_EVENT_BODIES:
         return (
             f"a {row.reason} dead letter keeps the broker message as it arrived, not an event "
             "body: replaying it would only dead-letter it again. If it carries a valid event, "

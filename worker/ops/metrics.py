@@ -31,6 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from schemas import EVENT_TYPES
+from schemas.vocabulary import (
+    HELD_AS_SUSPECTED_DUPLICATE,
+    SUSPECTED_DUPLICATE,
+    DeadLetterReason,
+    DuplicateCause,
+    OutcomeKind,
+    RetryCause,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -45,38 +53,13 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DIR_PREFIX = "orderonce-metrics-"
 OTHER = "other"
 
-OUTCOMES = frozenset({"applied", "rejected", "duplicate", "deferred", "dead_lettered"})
-DUPLICATE_CAUSES = frozenset({"redelivery", "producer_retry", "same_key", "same_order_id"})
+OUTCOMES = frozenset(OutcomeKind)
+DUPLICATE_CAUSES = frozenset(DuplicateCause)
 # A suspected duplicate order caught by its content (docs/duplicates.md) is applied and held,
 # or rejected, rather than counted as a duplicate outcome; its reason says so.
-_FINGERPRINT_REASONS = ("held: suspected duplicate", "suspected_duplicate")
-RETRY_REASONS = frozenset({"lock_busy", "too_early", "database", "error"})
-DEAD_LETTER_REASONS = frozenset(
-    {
-        "malformed_json",
-        "oversized",
-        "bad_envelope",
-        "unknown_type",
-        "bad_schema",
-        "id_conflict",
-        "idempotency_key_conflict",
-        "order_id_conflict",
-        "parked",
-        "poison",
-        "bad_signature",
-        "bad_task_arguments",
-        # Dead-lettered by RabbitMQ (worker/broker_dead_letters.py).
-        "delivery_limit",
-        "broker_rejected",
-        "broker_expired",
-        "broker_maxlen",
-        # Messages Celery itself cannot run (worker/consumer.py).
-        "content_type_refused",
-        "undecodable",
-        "not_a_task",
-        "unknown_task",
-    }
-)
+_FINGERPRINT_REASONS = (HELD_AS_SUSPECTED_DUPLICATE, SUSPECTED_DUPLICATE)
+RETRY_REASONS = frozenset(RetryCause)
+DEAD_LETTER_REASONS = frozenset(DeadLetterReason)
 _TYPES = frozenset(EVENT_TYPES)
 
 BACKLOG = "orderonce_dead_letter_backlog"
@@ -179,7 +162,7 @@ def _labels(outcome: str, reason: str | None, event_type: str | None) -> tuple[s
 
 
 def _cause(outcome: str, reason: str | None) -> str:
-    if outcome == "duplicate":
+    if outcome == OutcomeKind.DUPLICATE:
         return reason if reason in DUPLICATE_CAUSES else OTHER
     if reason and reason.startswith(_FINGERPRINT_REASONS):
         return "fingerprint"
@@ -241,7 +224,7 @@ def observe_outcomes(outcomes: list[Outcome], elapsed_s: float) -> None:
         m.processing.observe(max(elapsed_s, 0.0))
         if (lag := lag_since(o.event_time, now)) is not None:
             m.lag.observe(max(lag, 0.0))  # a producer's clock ahead of ours: no lag at all
-        if o.kind == "dead_lettered":
+        if o.kind == OutcomeKind.DEAD_LETTERED:
             observe_dead_letter(o.reason or "other")
     for key, n in counts.items():
         m.events.labels(*key).inc(n)

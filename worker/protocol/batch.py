@@ -40,10 +40,11 @@ from sqlalchemy import Connection, Engine, text
 
 from orderonce.errors import BatchRace
 from schemas import CloudEvent, payload_hash
+from schemas.vocabulary import DeadLetterReason, DuplicateCause, OutcomeKind
 from worker.domain.results import Applied, Deferred, Duplicate, Rejected, Result
 from worker.protocol.failpoints import failpoint
 from worker.protocol.locks import BatchLocks
-from worker.protocol.single import Config, Kind, Outcome, Refusal, admit, with_db_retries
+from worker.protocol.single import Config, Outcome, Refusal, admit, with_db_retries
 from worker.store import dead_letters
 from worker.store.effects.batch import BatchEffects, Punt, json_rows
 
@@ -263,7 +264,7 @@ def _in_transaction(
         dead_letters.record(conn, body, refusal.reason, refusal.detail, **refusal.ids)
         outcomes.append(
             Outcome(
-                "dead_lettered",
+                OutcomeKind.DEAD_LETTERED,
                 refusal.ids.get("event_id"),
                 refusal.ids.get("subject"),
                 refusal.reason,
@@ -347,19 +348,19 @@ def _record_outcomes(
     for e, result in recorded:
         ev = e.event
         order_id = getattr(ev, "subject", None)
-        kind: Kind
+        kind: OutcomeKind
         match result:
             case Applied(reason, duplicate_of):
-                kind, why, of = "applied", reason, duplicate_of
+                kind, why, of = OutcomeKind.APPLIED, reason, duplicate_of
             case Rejected(reason, duplicate_of):
-                kind, why, of = "rejected", reason, duplicate_of
+                kind, why, of = OutcomeKind.REJECTED, reason, duplicate_of
             case Duplicate(cause, original):
-                kind, why, of = "duplicate", cause, original
+                kind, why, of = OutcomeKind.DUPLICATE, cause, original
             case Deferred(reason):  # pragma: no cover  (batch_effects hands these back)
-                kind, why, of = "deferred", reason, None
+                kind, why, of = OutcomeKind.DEFERRED, reason, None
             case _:  # pragma: no cover  (conflicts are handed back)
                 raise AssertionError(f"unhandled result {result!r}")
-        if kind != "applied" or why or of:
+        if kind != OutcomeKind.APPLIED or why or of:
             changes.append(
                 {
                     "source": ev.source,
@@ -406,7 +407,7 @@ def _count_duplicates(
             dead_letters.record(
                 conn,
                 e.body,
-                "id_conflict",
+                DeadLetterReason.ID_CONFLICT,
                 f"event {ev.source}/{ev.id} was applied with payload hash {prior}; "
                 f"this copy hashes {e.digest}",
                 source=ev.source,
@@ -414,15 +415,17 @@ def _count_duplicates(
                 event_type=ev.type,
                 subject=order_id,
             )
-            outcomes.append(Outcome("dead_lettered", ev.id, order_id, "id_conflict"))
+            outcomes.append(
+                Outcome(OutcomeKind.DEAD_LETTERED, ev.id, order_id, DeadLetterReason.ID_CONFLICT)
+            )
             continue
         redelivered = e.message_id is not None and e.message_id == first_message
         outcomes.append(
             Outcome(
-                "duplicate",
+                OutcomeKind.DUPLICATE,
                 ev.id,
                 order_id,
-                "redelivery" if redelivered else "producer_retry",
+                DuplicateCause.REDELIVERY if redelivered else DuplicateCause.PRODUCER_RETRY,
                 event_type=ev.type,
                 event_time=ev.time,
             )

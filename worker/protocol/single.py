@@ -25,7 +25,6 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Literal
 
 from sqlalchemy import Connection, Engine
 from tenacity import (
@@ -38,6 +37,7 @@ from tenacity import (
 from orderonce.errors import BadEvent
 from schemas import CloudEvent, parse_event, payload_hash
 from schemas.signing import verify
+from schemas.vocabulary import DeadLetterReason, DuplicateCause, OutcomeKind
 from worker.domain.results import Applied, Conflict, Deferred, Duplicate, Rejected, Result
 from worker.domain.submissions import Policy
 from worker.protocol.failpoints import failpoint
@@ -46,8 +46,6 @@ from worker.store import dead_letters, effects, processed
 from worker.store.db import is_transient
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["applied", "rejected", "duplicate", "deferred", "dead_lettered"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class Config:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: Kind
+    kind: OutcomeKind
     event_id: str | None = None
     order_id: str | None = None
     reason: str | None = None
@@ -95,7 +93,7 @@ def process(
             **admitted.ids,
         )
         return Outcome(
-            "dead_lettered",
+            OutcomeKind.DEAD_LETTERED,
             admitted.ids.get("event_id"),
             admitted.ids.get("subject"),
             admitted.reason,
@@ -151,7 +149,7 @@ def admit(body: bytes, config: Config) -> CloudEvent | Refusal:
             "event_type": event.type,
             "subject": getattr(event, "subject", None),
         }
-        return Refusal("bad_signature", detail, ids)
+        return Refusal(DeadLetterReason.BAD_SIGNATURE, detail, ids)
     return event
 
 
@@ -190,19 +188,27 @@ def _record(conn: Connection, event: CloudEvent, body: bytes, result: Result) ->
     match result:
         case Applied(reason, duplicate_of):
             if reason or duplicate_of:
-                processed.set_outcome(conn, event.source, event.id, "applied", reason, duplicate_of)
-            return Outcome("applied", event.id, order_id, reason, duplicate_of)
+                processed.set_outcome(
+                    conn, event.source, event.id, OutcomeKind.APPLIED, reason, duplicate_of
+                )
+            return Outcome(OutcomeKind.APPLIED, event.id, order_id, reason, duplicate_of)
         case Rejected(reason, duplicate_of):
-            processed.set_outcome(conn, event.source, event.id, "rejected", reason, duplicate_of)
-            return Outcome("rejected", event.id, order_id, reason, duplicate_of)
+            processed.set_outcome(
+                conn, event.source, event.id, OutcomeKind.REJECTED, reason, duplicate_of
+            )
+            return Outcome(OutcomeKind.REJECTED, event.id, order_id, reason, duplicate_of)
         case Duplicate(cause, original):
-            processed.set_outcome(conn, event.source, event.id, "duplicate", cause, original)
-            return Outcome("duplicate", event.id, order_id, cause, original)
+            processed.set_outcome(
+                conn, event.source, event.id, OutcomeKind.DUPLICATE, cause, original
+            )
+            return Outcome(OutcomeKind.DUPLICATE, event.id, order_id, cause, original)
         case Deferred(reason):
-            processed.set_outcome(conn, event.source, event.id, "deferred", reason)
-            return Outcome("deferred", event.id, order_id, reason)
+            processed.set_outcome(conn, event.source, event.id, OutcomeKind.DEFERRED, reason)
+            return Outcome(OutcomeKind.DEFERRED, event.id, order_id, reason)
         case Conflict(reason, original, detail):
-            processed.set_outcome(conn, event.source, event.id, "dead_lettered", reason, original)
+            processed.set_outcome(
+                conn, event.source, event.id, OutcomeKind.DEAD_LETTERED, reason, original
+            )
             dead_letters.record(
                 conn,
                 body,
@@ -213,7 +219,7 @@ def _record(conn: Connection, event: CloudEvent, body: bytes, result: Result) ->
                 event_type=event.type,
                 subject=order_id,
             )
-            return Outcome("dead_lettered", event.id, order_id, reason, original)
+            return Outcome(OutcomeKind.DEAD_LETTERED, event.id, order_id, reason, original)
     raise AssertionError(f"unhandled result {result!r}")  # pragma: no cover
 
 
@@ -228,7 +234,7 @@ def _duplicate_delivery(
         dead_letters.record(
             conn,
             body,
-            "id_conflict",
+            DeadLetterReason.ID_CONFLICT,
             f"event {event.source}/{event.id} was applied with payload hash {prior}; "
             f"this copy hashes {digest}",
             source=event.source,
@@ -236,7 +242,10 @@ def _duplicate_delivery(
             event_type=event.type,
             subject=order_id,
         )
-        return Outcome("dead_lettered", event.id, order_id, "id_conflict")
+        return Outcome(OutcomeKind.DEAD_LETTERED, event.id, order_id, DeadLetterReason.ID_CONFLICT)
     return Outcome(
-        "duplicate", event.id, order_id, "redelivery" if redelivered else "producer_retry"
+        OutcomeKind.DUPLICATE,
+        event.id,
+        order_id,
+        DuplicateCause.REDELIVERY if redelivered else DuplicateCause.PRODUCER_RETRY,
     )

@@ -8,6 +8,7 @@ import logging
 from sqlalchemy import Connection, Engine, func
 from sqlalchemy.dialects.postgresql import insert
 
+from schemas.vocabulary import OutcomeKind
 from worker.store.tables import dead_letters
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def record(
         "dead-lettered: %s: %s",
         reason,
         detail[:200],
-        extra={"event_id": event_id, "order_id": subject, "outcome": "dead_lettered"},
+        extra={"event_id": event_id, "order_id": subject, "outcome": OutcomeKind.DEAD_LETTERED},
     )
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 
 from schemas.events import CloudEvent
+from schemas.vocabulary import OutcomeKind
 from worker.store.tables import processed_messages, processed_tombstones
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def claim(conn: Connection, event: CloudEvent, digest: str, message_id: str | No
             "event_type": event.type,
             "subject": getattr(event, "subject", None),
             "payload_hash": digest,
-            "outcome": "applied",
+            "outcome": OutcomeKind.APPLIED,
             "message_id": message_id,
         },
     ).first()

@@ -33,6 +33,7 @@ def prepare_database(conn: Connection, variant: str) -> None:
 def patch(variant: str) -> None:
     """Break this process's worker code in the way ``variant`` names (before the app is built)."""
     from orderonce.errors import LockBusy
+    from schemas.vocabulary import OutcomeKind
     from worker import protocol
     from worker.messaging import tasks
     from worker.messaging.broker import TASK_NAME
@@ -55,7 +56,7 @@ def patch(variant: str) -> None:
             try:
                 return real_process(body, **kwargs)
             except LockBusy:  # "someone holds it, so it is done": acked without an outcome
-                return protocol.Outcome("duplicate", reason="lock_held")
+                return protocol.Outcome(OutcomeKind.DUPLICATE, reason="lock_held")
 
         protocol.process = process
     elif variant in ("no_unique_constraint", "select_then_insert"):

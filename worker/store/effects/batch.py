@@ -34,6 +34,7 @@ from schemas.events import (
     OrderCreatedEvent,
     OrderEvent,
 )
+from schemas.vocabulary import HELD_AS_SUSPECTED_DUPLICATE, SUSPECTED_DUPLICATE
 from worker.domain import rules, submissions
 from worker.domain.results import Applied, Duplicate, Rejected, Result
 from worker.store.effects import orders, stock
@@ -336,7 +337,7 @@ class BatchEffects:
                 # A dead letter with both hashes: the single path words it.
                 return self._punt(event.order_id, "single_path", "conflicting submission")
             case submissions.SuspectRejected(original):
-                return Rejected(f"suspected_duplicate: same order as {original}", original)
+                return Rejected(f"{SUSPECTED_DUPLICATE}: same order as {original}", original)
             case submissions.NewOrder(hold_of):
                 return self._insert(event, digest, hold_of)
         raise AssertionError(f"unhandled verdict {verdict!r}")  # pragma: no cover
@@ -348,8 +349,8 @@ class BatchEffects:
         result: Result = Applied()
         if hold_of:
             status = rules.Status.ON_HOLD
-            reason = f"suspected_duplicate: same order as {hold_of}"
-            result = Applied(f"held: suspected duplicate of {hold_of}", hold_of)
+            reason = f"{SUSPECTED_DUPLICATE}: same order as {hold_of}"
+            result = Applied(f"{HELD_AS_SUSPECTED_DUPLICATE} of {hold_of}", hold_of)
         order = _Order(
             order_id=event.order_id,
             customer_id=data.customer_id,

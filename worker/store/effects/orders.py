@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from orderonce.errors import NotYetApplicable
 from schemas.events import CloudEvent, OrderCreatedEvent, OrderEvent
 from schemas.parsing import canonical_json, parse_event
+from schemas.vocabulary import HELD_AS_SUSPECTED_DUPLICATE, SUSPECTED_DUPLICATE, OutcomeKind
 from worker.domain import rules, submissions
 from worker.domain.results import Applied, Conflict, Deferred, Duplicate, Rejected, Result
 from worker.store import processed
@@ -83,7 +84,7 @@ def create_order(
                     f"{original_fingerprint}; this submission has {digest}",
                 )
             case submissions.SuspectRejected(original):
-                return Rejected(f"suspected_duplicate: same order as {original}", original)
+                return Rejected(f"{SUSPECTED_DUPLICATE}: same order as {original}", original)
             case submissions.NewOrder(hold_of):
                 if _insert_order(conn, event, digest, hold_of):
                     return _accept(conn, event, hold_of)
@@ -140,7 +141,7 @@ def _insert_order(
 
 def _accept(conn: Connection, event: OrderCreatedEvent, hold_of: str | None) -> Result:
     if hold_of:
-        return Applied(f"held: suspected duplicate of {hold_of}", hold_of)
+        return Applied(f"{HELD_AS_SUSPECTED_DUPLICATE} of {hold_of}", hold_of)
     missing = stock.reserve(conn, event, event.order_id, rules.quantities_by_sku(event.data.items))
     if missing:
         reason = f"out_of_stock: {', '.join(missing)}"
@@ -255,11 +256,11 @@ def _apply_deferred(conn: Connection, order_id: str) -> None:
             if isinstance(decision, rules.TooEarly | rules.Deferred):
                 continue
             if isinstance(decision, rules.Rejected):
-                processed.set_outcome(conn, source, event_id, "rejected", decision.reason)
+                processed.set_outcome(conn, source, event_id, OutcomeKind.REJECTED, decision.reason)
             else:
                 assert order is not None
                 applied = _apply(conn, event, order, decision)
-                processed.set_outcome(conn, source, event_id, "applied", applied.reason)
+                processed.set_outcome(conn, source, event_id, OutcomeKind.APPLIED, applied.reason)
             conn.execute(
                 delete(deferred_events).where(
                     deferred_events.c.source == source, deferred_events.c.event_id == event_id
@@ -279,7 +280,7 @@ def order_row(event: OrderCreatedEvent, digest: str, hold_of: str | None) -> dic
         "currency": data.currency,
         "total": data.total,
         "status": rules.Status.ON_HOLD if hold_of else rules.Status.CREATED,
-        "status_reason": f"suspected_duplicate: same order as {hold_of}" if hold_of else None,
+        "status_reason": f"{SUSPECTED_DUPLICATE}: same order as {hold_of}" if hold_of else None,
         "created_by_source": event.source,
         "created_by_event": event.id,
         "idempotency_source": event.source if event.idempotencykey else None,
