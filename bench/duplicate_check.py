@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from bench import report
 from orderonce.config import settings
 from orderonce.dev.embedded import urls_or_embedded
 from orderonce.dev.sandboxes import fresh_database
@@ -101,6 +102,7 @@ def run(events: int, preload: int) -> dict[str, Any]:
     results: dict[str, Any] = {
         "events": events,
         "preloaded_orders": preload,
+        "stamp": report.stamp(),
         "measured_at": datetime.now(UTC).isoformat(),
     }
     with fresh_database(urls.database_url) as url:
@@ -181,11 +183,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--preload", type=int, default=100_000)
-    parser.add_argument("--out", type=Path, default=Path("bench-results/duplicate_check.json"))
+    parser.add_argument(
+        "--out", type=Path, help="default: bench/results/duplicate_check-DATE-COMMIT.json"
+    )
     args = parser.parse_args()
     results = run(args.events, args.preload)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out or report.results_path("duplicate_check", results["stamp"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     for section in ("end_to_end", "checks_alone"):
         print(
             f"\n{section.replace('_', ' ')} ({args.events} events, {args.preload:,} orders "
@@ -196,7 +201,7 @@ def main() -> None:
                 f"  {name:55} median {s['median_us']:8.1f} us  p99 {s['p99_us']:8.1f} us"
                 f"  {s['per_second']:6d}/s"
             )
-    print(f"\nwritten to {args.out}")
+    print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The plain-Celery baseline of ``bench.throughput``: a no-op task on orderonce's Celery settings.
 
-The app is made by ``orderonce.broker.make_celery`` (JSON only, late acks, reject on worker
+The app is made by ``worker.messaging.broker.make_celery`` (JSON only, late acks, reject on worker
 lost, prefetch 1, the same transport options) with its own queue, so the only differences from
 an orderonce worker are the task and, unless ``BENCH_NOOP_TRANSPORT=orderonce``, kombu's own
 Redis transport (see below). The task does one thing: it appends ``"<published> <started>"``
@@ -25,7 +25,7 @@ BROKER_ENV = "BENCH_BROKER_URL"
 
 app = make_celery(os.environ.get(BROKER_ENV, "redis://127.0.0.1:6379/15"), Settings(queue=QUEUE))
 # Plain Celery as its users run it: kombu's own Redis transport, not orderonce's, which builds
-# one Redis client per channel instead of one per message (orderonce/redis_transport.py).
+# one Redis client per channel instead of one per message (worker/messaging/transport.py).
 # BENCH_NOOP_TRANSPORT=orderonce runs the no-op on orderonce's transport instead.
 if os.environ.get("BENCH_NOOP_TRANSPORT") != "orderonce":
     app.conf.broker_transport = None

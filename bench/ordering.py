@@ -4,7 +4,7 @@ through N ordered queues with one single-threaded worker each (ORDERONCE_ORDERED
 For each broker (Redis; RabbitMQ too when one listens at ORDERONCE_BENCH_AMQP_URL, default
 guest on 127.0.0.1:5672), each mode and each run: a fresh PostgreSQL database, queues of
 their own, N ``orderonce worker --pool solo`` processes started and ready, the demo's stock
-applied; then the demo's stream (``orderonce.demo_stream.build_stream``: orders with payments,
+applied; then the demo's stream (``orderonce.dev.demo_stream.build_stream``: orders with payments,
 shipments, cancellations and refunds, one event in ten published twice, checkout retries,
 double clicks) is published as fast as one producer can, and the clock runs from the first
 publish to the last outcome. Publishing is inside the measured time in both modes alike.
@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.harness import demo_stream as _stream
 from bench.harness import handled as _handled
 from bench.harness import worker_env as _worker_env
@@ -174,6 +175,7 @@ def run(opts: Options) -> dict[str, Any]:
                     )
     shutil.rmtree(logs, ignore_errors=True)
     return {
+        "stamp": report.stamp(),
         "measured_at": datetime.now(UTC).isoformat(),
         "options": vars(opts) | {"rabbitmq": bool(amqp_url)},
         "summary": _summary(results),
@@ -235,14 +237,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=Options.workers)
     parser.add_argument("--runs", type=int, default=Options.runs)
     parser.add_argument("--no-amqp", action="store_true", help="Redis only")
-    parser.add_argument("--out", type=Path, default=Path("bench-results/ordering.json"))
+    parser.add_argument("--out", type=Path, help="default: bench/results/ordering-DATE-COMMIT.json")
     args = parser.parse_args()
     opts = Options(args.events, args.workers, args.runs, not args.no_amqp)
     results = run(opts)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out or report.results_path("ordering", results["stamp"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     _print(results)
-    print(f"\nwritten to {args.out}")
+    print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
-"""What ``bench.throughput`` makes of its runs: medians and ratios, and the printed table."""
+"""What ``bench.throughput`` makes of its runs: medians and ratios, the printed table, and the
+stamped results table of docs/performance.md (``python -m bench.report --write``), rendered
+from the raw results in bench/results/ so that no figure there is typed by hand."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 
@@ -228,3 +235,117 @@ def print_results(results: dict[str, Any]) -> None:
         + (f" and {server:.0f} µs in PostgreSQL" if server is not None else "")
         + f", {batch['statements_per_batch']:.1f} statements per batch"
     )
+
+
+# --- the stamped table of docs/performance.md -------------------------------------------------
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def stamp() -> dict[str, Any]:
+    """The commit the benchmark ran at (``+dirty`` when the tree had changes), and when."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "commit": commit + ("+dirty" if dirty else ""),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def results_path(name: str, stamped: dict[str, Any]) -> Path:
+    """Where a run's raw results go: ``bench/results/NAME-DATE-COMMIT.json``."""
+    day = stamped["measured_at"][:10]
+    return RESULTS_DIR / f"{name}-{day}-{stamped['commit']}.json"
+
+
+def newest(name: str = "throughput") -> Path:
+    found = sorted(RESULTS_DIR.glob(f"{name}-*.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {name} results in {RESULTS_DIR}: run `make bench`")
+    return max(found, key=lambda p: json.loads(p.read_text())["stamp"]["measured_at"])
+
+
+def _n(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results table of docs/performance.md, rendered from one run's JSON."""
+    m, o, s, st = results["machine"], results["options"], results["summary"], results["stamp"]
+    lines = [
+        f"`make bench` at {st['commit']}, {st['measured_at'][:10]}; {m['nproc']} cores"
+        f" ({m['cpu']}), Python {m['python']}, Celery {m['celery']}, PostgreSQL"
+        f" {m['postgres']['server_version'].split()[0]} (fsync {m['postgres']['fsync']}),"
+        f" Redis {m['redis_server']}, {m['servers']} servers. Medians of {o['runs']} runs;"
+        f" events/s drain a pre-filled queue; p99 from publish to commit at half the drain"
+        f" rate. Raw results: `bench/results/{results['file']}`.",
+        "",
+        "| workers | (a) Celery no-op | (b) one event per task | (b') batch | (b'') buffered"
+        " | (c) DB commits/s | (c') batch's DB ceiling | b/a | b'/a | b''/a | b'/c'"
+        " | p99 b / b' / b'' ms | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in o["workers"]:
+        row = s[str(n)]
+        buffered = row.get("orderonce_buffered")
+        rss = max(row[k]["max_rss_mib"] for k in ("orderonce", "orderonce_batch") if k in row)
+        p99 = " / ".join(
+            _n(x)
+            for x in (
+                row["orderonce"]["p99_ms"],
+                row["orderonce_batch"]["p99_ms"],
+                buffered["p99_ms"] if buffered else None,
+            )
+        )
+        lines.append(
+            f"| {n} | {_n(row['plain_celery']['events_per_s'])}"
+            f" | {_n(row['orderonce']['events_per_s'])}"
+            f" | {_n(row['orderonce_batch']['events_per_s'])}"
+            f" | {_n(buffered['events_per_s'] if buffered else None)}"
+            f" | {_n(row['db_ceiling']['commits_per_s'])}"
+            f" | {_n(row['batch_db_ceiling']['events_per_s'])}"
+            f" | {row['b_over_a']:.2f} | {row['batch_over_a']:.2f}"
+            f" | {row.get('buffered_over_a', float('nan')):.2f}"
+            f" | {row['batch_over_batch_c']:.2f} | {p99} | {rss:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def doc_table(doc: Path = DOC) -> str:
+    """The table between the markers of docs/performance.md."""
+    text = doc.read_text(encoding="utf-8")
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def write_doc_table(results: dict[str, Any], doc: Path = DOC) -> None:
+    text = doc.read_text(encoding="utf-8")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{markdown_table(results)}{END}{tail}", encoding="utf-8")
+
+
+def main() -> None:
+    """``python -m bench.report [FILE] [--write]``: the table of FILE (default: the newest
+    results), printed, or written into docs/performance.md."""
+    args = sys.argv[1:]
+    write = "--write" in args
+    files = [a for a in args if a != "--write"]
+    path = Path(files[0]) if files else newest()
+    results = json.loads(path.read_text()) | {"file": path.name}
+    if write:
+        write_doc_table(results)
+        print(f"docs/performance.md: table from {path.name}")
+    else:
+        print(markdown_table(results), end="")
+
+
+if __name__ == "__main__":
+    main()

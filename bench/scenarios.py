@@ -114,7 +114,8 @@ def orderonce_stream(
     buffered: int = 0,
 ) -> dict[str, Any]:
     """(b) orderonce in default mode, one message per event; with ``buffered`` > 0, (b''):
-    the same messages consumed by ``orderonce worker --buffered N`` (worker/buffered.py)."""
+    the same messages consumed by ``orderonce worker --buffered N``
+    (worker/messaging/buffered.py)."""
     r = redis.Redis.from_url(redis_url)
     r.delete(QUEUE, stash(QUEUE))
     defaults = Settings(queue=QUEUE)

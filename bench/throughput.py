@@ -4,9 +4,9 @@ In one run, on one machine, one broker and one set of Celery settings, at 1, 2 a
 processes (``--pool solo``, one process each), and ``--runs`` times:
 
 * (a) plain Celery: a no-op task (``bench/noop_app.py``) on a Celery app made by
-  ``orderonce.broker.make_celery`` (JSON, late acks, prefetch 1), on a queue of its own;
+  ``worker.messaging.broker.make_celery`` (JSON, late acks, prefetch 1), on a queue of its own;
 * (b) orderonce in its default mode (default settings, one event per task): the demo's event
-  stream (``orderonce.demo_stream.build_stream``: orders with payments, shipments,
+  stream (``orderonce.dev.demo_stream.build_stream``: orders with payments, shipments,
   cancellations, refunds, one event in ten published twice, checkout retries, double clicks),
   stock restocked first; every event applied exactly once, checked with ``orderonce verify``'s
   checks afterwards;
@@ -182,6 +182,7 @@ def run(opts: Options) -> dict[str, Any]:
                     )
     shutil.rmtree(logs, ignore_errors=True)
     return {
+        "stamp": report.stamp(),
         "measured_at": datetime.now(UTC).isoformat(),
         "seconds": round(time.monotonic() - begun, 1),
         "machine": described,
@@ -277,7 +278,9 @@ def main() -> None:
         default=Options.history_events,
         help="events applied and analyzed before each orderonce measurement (0: an empty database)",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"))
+    parser.add_argument(
+        "--out", type=Path, help="default: bench/results/throughput-DATE-COMMIT.json"
+    )
     args = parser.parse_args()
     opts = Options(
         args.events,
@@ -294,7 +297,8 @@ def main() -> None:
     # A Ctrl-C should still stop the workers and drop the database: make SIGTERM one too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = run(opts)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out or report.results_path("throughput", results["stamp"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     report.print_results(results)
-    print(f"\nwritten to {args.out}")
+    print(f"\nwritten to {out}; `python -m bench.report --write` puts its table in the docs")

@@ -69,8 +69,8 @@ class Settings(BaseSettings):
     # 80 ms apart); buffered mode at once, then in the worker's next batches, so that the
     # worker does not sleep while the rest of its buffer waits.
     batch_too_early_retries: int = 5
-    # Buffered consumption (worker/buffered.py), off at 0: a worker (``--pool solo``) takes up
-    # to this many single-event messages at a time (its prefetch), or what arrived while it
+    # Buffered consumption (worker/messaging/buffered.py), off at 0: a worker (``--pool solo``)
+    # takes up to this many single-event messages at a time (its prefetch), or what arrived while it
     # waited after the first, and applies them with the batch protocol in one transaction,
     # acking each message after the commit. The wait is as long as the previous buffered
     # transaction took (group commit: the slower the commits, the more each one carries), at

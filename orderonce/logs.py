@@ -13,7 +13,7 @@ _EXTRA_FIELDS = (
     "outcome",
     "reason",
     "duration_ms",
-    # batch mode (worker/exactly_once_batch.py)
+    # batch mode (worker/protocol/batch.py)
     "batch",
     "events",
     "outcomes",

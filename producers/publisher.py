@@ -4,7 +4,7 @@ An event's id is fixed when it is built, so every retry of a publish sends the s
 and the worker recognises the copies. Retrying is therefore always safe, and we do it on any
 broker error: a publish that may or may not have reached the broker is simply sent again.
 
-With an outbox engine, every body is first committed to the outbox table (producers/outbox.py)
+With an outbox engine, every body is first committed to the outbox table (worker/store/outbox.py)
 and only then sent: once ``publish`` returns, the event is durable even if the broker loses it
 or refuses it, because the relay sends it again until it has a terminal record.
 """
@@ -160,7 +160,7 @@ class Publisher:
             send(BATCH_TASK_NAME, **options)
 
     def queue_for(self, body: str) -> str:
-        """The queue of this body: per order when ordering is on (orderonce/routing.py)."""
+        """The queue of this body: per order when ordering is on (worker/messaging/routing.py)."""
         if not self._ordered_queues:
             return self._queue
         return queue_for_key(self._queue, self._ordered_queues, ordering_key(body))

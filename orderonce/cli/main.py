@@ -522,7 +522,7 @@ def prune(
     as_json: JsonFlag = False,
 ) -> None:
     """Move old processed-messages rows to tombstones, which still catch late duplicates
-    (worker/retention.py); delete outbox rows settled as long ago. Deferred events are kept."""
+    (worker/ops/retention.py); delete outbox rows settled as long ago. Deferred events are kept."""
     from orderonce.config import settings
     from worker.ops import retention
     from worker.store import outbox

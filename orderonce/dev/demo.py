@@ -34,7 +34,7 @@ from worker.ops import reports
 from worker.store.db import make_engine
 from worker.store.migrate import upgrade
 
-QUEUE = "orderonce.demo"
+QUEUE = "orderonce.dev.demo"
 # Short timings so the killed worker's message comes back within seconds, not minutes; still
 # passing every safety check (lock TTL and visibility timeout above the hard time limit).
 TIMINGS = {

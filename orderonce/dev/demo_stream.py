@@ -1,7 +1,7 @@
 """The demo's order stream: realistic, seeded, and with the duplicates shops really see.
 
 Pure: it builds event bodies and says what each publication is; publishing and checking are
-``orderonce.demo``'s job.
+``orderonce.dev.demo``'s job.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_batch_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path:
 
 def test_buffered_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     # A crash gives back a whole buffer; those messages must not be taken for poison (they
-    # were waiting, not running: worker/processed.py, start_redelivered_run).
+    # were waiting, not running: worker/store/processed.py, start_redelivered_run).
     report = run(
         ChaosOptions(events=1000, seed=14, buffered=50, drain_timeout_s=240, workdir=tmp_path)
     )

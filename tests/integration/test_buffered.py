@@ -1,4 +1,4 @@
-"""Buffered consumption (worker/buffered.py) against real Celery workers and real kills:
+"""Buffered consumption (worker/messaging/buffered.py) against real Celery workers and real kills:
 single-event messages, many per transaction, each acked only after its outcome committed.
 
 Every test also checks, from the worker's log, that events really were applied in buffered

@@ -19,7 +19,7 @@ def test_migrations_match_the_tables_and_round_trip(servers: ServerUrls) -> None
         try:
             with engine.connect() as conn:
                 diff = compare_metadata(MigrationContext.configure(conn), metadata)
-            assert diff == [], "worker/tables.py and the migrations disagree"
+            assert diff == [], "worker/store/tables.py and the migrations disagree"
             cfg = alembic_config()
             with engine.begin() as conn:
                 cfg.attributes["connection"] = conn

@@ -1,4 +1,4 @@
-"""The durable "kills its worker" count (worker/processed.py: ``start_run``) blames
+"""The durable "kills its worker" count (worker/store/processed.py: ``start_run``) blames
 a message only for the crashes that ended one of its own runs.
 
 Its other side, a message that kills its worker every time is dead-lettered after a few, is

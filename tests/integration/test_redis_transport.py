@@ -1,4 +1,4 @@
-"""orderonce's Redis transport (orderonce/redis_transport.py) against a real Redis: one client
+"""orderonce's Redis transport (worker/messaging/transport.py) against a real Redis: one client
 per channel, a new one for a new pool, and messages still recorded as unacked until acked."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The order state machine in worker/domain.py: what each follow-up event does to each order."""
+"""The order state machine in worker/domain/rules.py: what each follow-up event does to each
+order."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-order routing (orderonce/routing.py): stable, balanced, and minimal movement."""
+"""Per-order routing (worker/messaging/routing.py): stable, balanced, and minimal movement."""
 
 from __future__ import annotations
 

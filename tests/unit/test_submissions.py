@@ -1,4 +1,4 @@
-"""Duplicate-submission rules in worker/submissions.py: the fingerprint and the verdicts."""
+"""Duplicate-submission rules in worker/domain/submissions.py: the fingerprint and the verdicts."""
 
 from __future__ import annotations
 

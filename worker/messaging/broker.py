@@ -21,11 +21,11 @@ from worker.messaging.transport import TRANSPORT as REDIS_TRANSPORT
 
 TASK_NAME = "orderonce.process_event"
 # Batch mode: one message carries a list of events (producer-side batches, see
-# worker/exactly_once_batch.py). Consumption is unchanged: one message at a time, prefetch 1,
+# worker/protocol/batch.py). Consumption is unchanged: one message at a time, prefetch 1,
 # acked after its commit, so none of the settings below needs to change for it.
 BATCH_TASK_NAME = "orderonce.process_batch"
-# Buffered consumption (settings.buffered = N > 0, worker/buffered.py) is the one exception to
-# prefetch 1: the worker reserves up to N single-event messages, applies them in one
+# Buffered consumption (settings.buffered = N > 0, worker/messaging/buffered.py) is the one
+# exception to prefetch 1: the worker reserves up to N single-event messages, applies them in one
 # transaction and acks each only after that commit. It stays safe for the reason prefetch 1 is
 # safe with late acks: a reserved message is unacked, so a worker that dies holding it gives
 # it back (visibility timeout, or at once on a warm shutdown), and nothing is acked before its
@@ -50,9 +50,9 @@ def dead_letter_exchange_name(settings: Settings) -> str:
 
 
 def dead_letter_queue(settings: Settings) -> Queue:
-    """Where RabbitMQ puts what it dead-letters; worker/broker_dead_letters.py empties it into
-    the dead_letters table. Fanout: a retried message's routing key carries a delay prefix, and
-    every task queue's messages must land here whatever their key."""
+    """Where RabbitMQ puts what it dead-letters; worker/messaging/rabbitmq_dead_letters.py
+    empties it into the dead_letters table. Fanout: a retried message's routing key carries a
+    delay prefix, and every task queue's messages must land here whatever their key."""
     return Queue(  # type: ignore[no-untyped-call]  # kombu: no hints
         f"{settings.queue}.dead",
         Exchange(dead_letter_exchange_name(settings), type="fanout", durable=True),  # type: ignore[no-untyped-call]  # kombu: no hints
@@ -122,7 +122,7 @@ RESTORE_MUTEX_EXPIRE_S = 10
 def _redis_conf(broker_url: str, settings: Settings) -> dict[str, Any]:
     return {
         # kombu's own transport builds a Redis client object per message it receives, acks or
-        # publishes; this one keeps one per channel (orderonce/redis_transport.py). rediss://
+        # publishes; this one keeps one per channel (worker/messaging/transport.py). rediss://
         # and other schemes keep kombu's.
         "broker_transport": REDIS_TRANSPORT if urlsplit(broker_url).scheme == "redis" else None,
         "broker_transport_options": {

@@ -21,8 +21,8 @@ Guarantee: that of the batch protocol, per event, and the message rule of defaul
 - Only plain messages are buffered: task ``orderonce.process_event``, JSON, one string
   argument, no ETA/countdown, no retry budget used yet, not redelivered. Everything else (ETA
   retries, batch messages, redelivered messages, which need the durable poison count, and
-  anything Celery or ``worker/consumer.py`` dead-letters) goes to Celery's usual handling, the
-  default mode's code, unchanged.
+  anything Celery or ``worker/messaging/consumer.py`` dead-letters) goes to Celery's usual
+  handling, the default mode's code, unchanged.
 - An event too early for its order, or whose lock another worker holds, is tried again at
   once, then stays in the buffer, unacked, ahead of the messages that came since, and is
   tried again in the next batches (up to ``batch_too_early_retries`` - 1 of them). What it waits

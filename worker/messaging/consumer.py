@@ -11,7 +11,7 @@ and such a message with task headers makes Celery's consumer raise and the whole
 property-based test in tests/integration/test_fuzz_worker.py).
 
 In buffered mode (``settings.buffered`` > 0) plain single-event messages are kept in a buffer
-and applied many per transaction (worker/buffered.py); every other message, and every
+and applied many per transaction (worker/messaging/buffered.py); every other message, and every
 buffered one that the batch protocol hands back, goes the way described here.
 """
 

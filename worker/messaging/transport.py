@@ -13,7 +13,7 @@ commands still take and return a pool connection each, pipelines are still one p
 wire protocol and the keys are the same, so workers with and without it can share a broker.
 A pool kombu replaces (after a connection error) gets a new client.
 
-Used for ``redis://`` brokers (``orderonce.broker.make_celery``); other schemes keep kombu's
+Used for ``redis://`` brokers (``worker.messaging.broker.make_celery``); other schemes keep kombu's
 own transport.
 """
 

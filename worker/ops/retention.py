@@ -16,9 +16,10 @@ and deleted the row in ONE transaction, a claim statement that started just befo
 would miss the tombstone (not in its snapshot), wait on the row being deleted, find it gone,
 and insert: the event would apply a second time. So prune commits the tombstones
 first (phase 1), waits until every statement that may have started before that commit has
-ended — no statement outlives statement_timeout, which every worker session sets (worker/db.py)
-— and only then deletes the rows (phase 2). A claim now sees the tombstone, or the row, or
-both; never neither. The wait costs prune statement_timeout plus a margin (~16 s by default),
+ended — no statement outlives statement_timeout, which every worker session sets
+(worker/store/db.py) — and only then deletes the rows (phase 2). A claim now sees the
+tombstone, or the row, or both; never neither. The wait costs prune statement_timeout plus a
+margin (~16 s by default),
 once per run, not per batch. It assumes the workers' ORDERONCE_STATEMENT_TIMEOUT_MS is not
 longer than prune's own (the same configuration, normally).
 

@@ -1,13 +1,13 @@
 """The exactly-once protocol for a batch of events (batch mode): many events, one transaction.
 
-Guarantee: the same as ``worker.exactly_once`` for each event of the batch, whatever it shares
+Guarantee: the same as ``worker.protocol.single`` for each event of the batch, whatever it shares
 a message or a transaction with. An event, identified by its CloudEvents (source, id), changes
 the database at most once, and — as long as the broker redelivers every message that was not
 acknowledged — at least once. Every event ends with its own outcome: a processed row
 (applied, rejected, duplicate) or a dead letter, or it is handed back to the single-event
 protocol, which then gives it one.
 
-How (the steps of ``worker.exactly_once``, each done for all events at once):
+How (the steps of ``worker.protocol.single``, each done for all events at once):
 1. Admit each body (``exactly_once.admit``: parse, signature). A bad one becomes a dead letter
    in the batch's transaction; the others go on. Copies of one event inside the batch are
    one event plus duplicates.
@@ -17,7 +17,7 @@ How (the steps of ``worker.exactly_once``, each done for all events at once):
    (``ON CONFLICT DO NOTHING``: the primary key is the authority, as for one event, and the
    fixed order keeps concurrent batches from deadlocking on each other's rows). Events whose
    row already existed are duplicates: counted, nothing else written. The claimed events are
-   applied in batch order (``worker.batch_effects``); those it cannot apply here have their
+   applied in batch order (``worker.store.effects.batch``); those it cannot apply here have their
    row deleted again in this same transaction and are handed back. Commit.
 4. Release the locks still ours (one pipelined round trip of compare-and-delete).
 5. Return. The caller acks the batch's message only after it has handed the handed-back
@@ -25,7 +25,7 @@ How (the steps of ``worker.exactly_once``, each done for all events at once):
    message unacked: redelivered, its committed events are duplicates, and the others are
    handed back again (a second copy of a handed-back event is a duplicate too).
 
-Assumptions: those of ``worker.exactly_once``.
+Assumptions: those of ``worker.protocol.single``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def process_batch(
     """Apply a batch exactly once per event. The event at position ``p`` of the message gets
     the message id ``message_id/p``, so a redelivered batch's copies are told from producers'
     copies; ``positions`` gives the bodies' positions when they are a part of the message
-    tried again (default: 0, 1, 2, ...). Buffered consumption (worker/buffered.py) passes
+    tried again (default: 0, 1, 2, ...). Buffered consumption (worker/messaging/buffered.py) passes
     ``message_ids`` instead: each body's own broker message id (its Celery task id), as the
     single path records it. Raises a database error once ``config.db_attempts``
     transient failures are used up (nothing of the batch committed)."""

@@ -1,6 +1,6 @@
 """Failpoints: named places where a test can make a worker die, stop, stall or fail on purpose.
 
-Points (worker/exactly_once.py): ``before_lock``, ``before_commit``, ``after_commit``.
+Points (worker/protocol/single.py): ``before_lock``, ``before_commit``, ``after_commit``.
 Off unless ``ORDERONCE_FAILPOINTS`` is set, e.g. ``before_commit=kill,after_commit=stop``.
 Actions: ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP it), ``sleep:SECONDS``, ``raise``
 (an unexpected error, as a bug would raise). ``ACTION~TEXT`` fires only for messages whose body

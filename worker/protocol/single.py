@@ -135,7 +135,7 @@ class Refusal:
 
 
 def admit(body: bytes, config: Config) -> CloudEvent | Refusal:
-    """Step 1, shared with the batch protocol (worker/exactly_once_batch.py): the parsed event,
+    """Step 1, shared with the batch protocol (worker/protocol/batch.py): the parsed event,
     or why it can never be one (bad input, a missing or forged signature)."""
     try:
         event = parse_event(body, config.max_body_bytes)
@@ -154,7 +154,7 @@ def admit(body: bytes, config: Config) -> CloudEvent | Refusal:
 
 
 def with_db_retries(attempts: int) -> Retrying:
-    """Bounded, jittered retries of transient database errors (worker.db.is_transient)."""
+    """Bounded, jittered retries of transient database errors (worker.store.db.is_transient)."""
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(attempts),

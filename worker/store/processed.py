@@ -82,10 +82,10 @@ _COUNT_DUPLICATE = (
 def claim(conn: Connection, event: CloudEvent, digest: str, message_id: str | None) -> bool:
     """Insert the event's row; False if it already has one (committed, or in flight: the insert
     then waits for that transaction and conflicts if it commits), or if a tombstone says it was
-    processed before its row was pruned (worker/retention.py).
+    processed before its row was pruned (worker/ops/retention.py).
 
     One statement, so still one round trip: the tombstone probe is a primary-key lookup inside
-    the INSERT ... SELECT. Why that is race-free against a concurrent prune: worker/retention.py
+    the INSERT ... SELECT. Why that is race-free against a concurrent prune: worker/ops/retention.py
     commits the tombstone first and deletes the row only after every statement that could have
     missed the tombstone has ended (statement_timeout), so this statement sees either the
     tombstone or the live row, never neither.
@@ -151,7 +151,7 @@ def count_duplicate(
     if row is not None:
         return str(row.payload_hash), message_id is not None and row.message_id == message_id
     # A second statement, so a fresh snapshot: a prune that deleted the row after claim() saw
-    # it committed its tombstone long before (worker/retention.py), so this finds it.
+    # it committed its tombstone long before (worker/ops/retention.py), so this finds it.
     pruned = conn.execute(
         select(_tomb.payload_hash).where(_tomb.source == event.source, _tomb.event_id == event.id)
     ).scalar_one_or_none()

@@ -79,7 +79,7 @@ orders = Table(
     Column("version", Integer, nullable=False, server_default="1"),
     Column("created_by_source", Text, nullable=False),
     Column("created_by_event", Text, nullable=False),
-    # Duplicate-submission detection (worker/submissions.py).
+    # Duplicate-submission detection (worker/domain/submissions.py).
     Column("idempotency_source", Text),
     Column("idempotency_key", Text),
     Column("fingerprint", Text),

@@ -2,8 +2,8 @@
 red proves nothing. Each variant breaks one thing the exactly-once design depends on; the
 harness must report every one of them as failing.
 
-Run as ``python -m orderonce.chaos.broken VARIANT worker ...`` (the harness does): the variant is
-patched in, then the normal CLI runs. Production code never imports this module.
+Run as ``python -m orderonce.dev.chaos.broken_worker VARIANT worker ...`` (the harness does):
+the variant is patched in, then the normal CLI runs. Production code never imports this module.
 """
 
 from __future__ import annotations

@@ -364,7 +364,7 @@ class _Run:
                 )
             ).one()
         self.check_engine.dispose()
-        # Marker files are named point~match~body-hash (worker/failpoints.py).
+        # Marker files are named point~match~body-hash (worker/protocol/failpoints.py).
         fired = Counter("~".join(p.stem.split("~")[:2]) for p in self.once_dir.glob("*.fired"))
         kills_by_failpoint = sum(
             fired[f"{point}~{marker}"]

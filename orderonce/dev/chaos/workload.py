@@ -2,7 +2,7 @@
 events marked for failpoints. Pure: bodies and their kinds, no I/O.
 
 Marked events carry a marker in their id (``fp-bc-…``); the workers' failpoints match it, with
-``~once`` so each marked event hits its window exactly once (worker/failpoints.py).
+``~once`` so each marked event hits its window exactly once (worker/protocol/failpoints.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ EXPECTED_REASONS: dict[str, frozenset[str]] = {
     "poison": frozenset({"poison"}),
 }
 
-# Failpoint windows (worker/exactly_once.py) and what a marked event does there.
+# Failpoint windows (worker/protocol/single.py) and what a marked event does there.
 WINDOWS = {
     "fp-bl-": ("before_lock", "kill"),
     "fp-bc-": ("before_commit", "kill"),

@@ -1,9 +1,9 @@
 """The effects of many claimed events at once, with set-based SQL (batch mode).
 
-The same rules as ``worker.orders`` and ``worker.stock`` — the pure ones are shared:
-``rules.decide``, ``rules.missing_stock``, ``submissions.fingerprint`` and ``judge`` — applied
-to an in-memory copy of the rows the batch touches, loaded and locked first, then written back
-in a handful of statements. Events are applied in batch order, each seeing the ones before it.
+The same rules as ``worker.store.effects.orders`` and ``worker.store.effects.stock`` — the pure ones
+are shared: ``rules.decide``, ``rules.missing_stock``, ``submissions.fingerprint`` and ``judge`` —
+applied to an in-memory copy of the rows the batch touches, loaded and locked first, then written
+back in a handful of statements. Events are applied in batch order, each seeing the ones before it.
 
 Locks are taken in a fixed order so that concurrent batches (and single events) cannot
 deadlock: advisory locks on customers and orders sorted by key, then order rows sorted by id,
@@ -66,13 +66,13 @@ class _Order:
     row: dict[str, object] = field(default_factory=dict)  # the insert, for a new order
 
 
-# Transaction-scoped advisory locks, taken before any order or stock row: each customer with a
-# new order (as worker.orders takes it for one submission), and each order the batch creates
-# or follows up. The order's key makes a batch with a payment wait for the batch creating that
-# order at the same moment, and then see it, instead of finding it "too early" and handing the
-# payment to the single path; overlapping batches otherwise run side by side. All keys are
-# sorted by their hash, in one statement (sorted in a subquery, locked in the outer scan): the
-# same order in every batch, whatever collides.
+# Transaction-scoped advisory locks, taken before any order or stock row: each customer with a new
+# order (as worker.store.effects.orders takes it for one submission), and each order the batch
+# creates or follows up. The order's key makes a batch with a payment wait for the batch creating
+# that order at the same moment, and then see it, instead of finding it "too early" and handing the
+# payment to the single path; overlapping batches otherwise run side by side. All keys are sorted by
+# their hash, in one statement (sorted in a subquery, locked in the outer scan): the same order in
+# every batch, whatever collides.
 _LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(h) FROM"
     " (SELECT DISTINCT hashtextextended(k, 0) AS h"
@@ -373,7 +373,7 @@ class BatchEffects:
             return result
         missing = rules.missing_stock(wanted, self._stock)
         if missing:
-            # As worker.orders does it: created, then turned down (one change).
+            # As worker.store.effects.orders does it: created, then turned down (one change).
             reason = f"out_of_stock: {', '.join(missing)}"
             self._set_status(order, rules.Status.REJECTED, reason)
             return Applied(reason)

@@ -1,5 +1,5 @@
 """Order effects: creating orders (catching duplicate submissions) and moving them through the
-state machine of ``worker.domain``, with the stock and ledger effects each step implies.
+state machine of ``worker.domain.rules``, with the stock and ledger effects each step implies.
 
 Runs inside the exactly-once transaction and never commits. An order's row is locked
 (``FOR UPDATE``) before it is read, and all ``order.created`` of one customer take a
@@ -26,7 +26,7 @@ from worker.store.tables import deferred_events, ledger_entries, order_lines, or
 
 _o = orders.c
 
-# Built once (worker/processed.py says why).
+# Built once (worker/store/processed.py says why).
 _CUSTOMER_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
 # Any unique violation (order id, idempotency key) means someone else's submission won. The
 # columns are those of ``order_row``.

@@ -18,7 +18,7 @@ from worker.store.tables import inventory, inventory_movements
 # kind: (on_hand sign, reserved sign)
 MOVES = {"restock": (1, 0), "reserve": (0, 1), "release": (0, -1), "ship": (-1, -1)}
 
-# Built once (worker/processed.py says why).
+# Built once (worker/store/processed.py says why).
 _LOCK = (
     select(inventory.c.sku, inventory.c.on_hand, inventory.c.reserved)
     .where(inventory.c.sku == any_(bindparam("skus", type_=ARRAY(Text))))
