@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -42,3 +43,12 @@ def engine() -> Engine:
     from worker.store.db import make_engine
 
     return make_engine(urls().database_url, settings())
+
+
+def table(title: str, rows: list[dict[str, Any]]) -> Table:
+    out = Table(title=title)
+    for column in rows[0] if rows else []:
+        out.add_column(column)
+    for row in rows:
+        out.add_row(*(str(v) for v in row.values()))
+    return out
