@@ -97,12 +97,13 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 def run(events: int, preload: int) -> dict[str, Any]:
+    stamped = report.stamp()  # the code as it was when the run began
     base = settings()
     urls = urls_or_embedded(settings())
     results: dict[str, Any] = {
         "events": events,
         "preloaded_orders": preload,
-        "stamp": report.stamp(),
+        "stamp": stamped,
         "measured_at": datetime.now(UTC).isoformat(),
     }
     with fresh_database(urls.database_url) as url:

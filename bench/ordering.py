@@ -148,6 +148,7 @@ def one_drain(mode: str, urls: Urls, opts: Options, seed: int, logs: Path) -> di
 
 
 def run(opts: Options) -> dict[str, Any]:
+    stamped = report.stamp()  # the code as it was when the run began
     urls = urls_or_embedded(settings())
     logs = Path(tempfile.mkdtemp(prefix="orderonce-bench-ordering-"))
     amqp_url = _amqp_url() if opts.amqp else None
@@ -175,7 +176,7 @@ def run(opts: Options) -> dict[str, Any]:
                     )
     shutil.rmtree(logs, ignore_errors=True)
     return {
-        "stamp": report.stamp(),
+        "stamp": stamped,
         "measured_at": datetime.now(UTC).isoformat(),
         "options": vars(opts) | {"rabbitmq": bool(amqp_url)},
         "summary": _summary(results),

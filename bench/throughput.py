@@ -121,6 +121,7 @@ def _one_run(
 
 
 def run(opts: Options) -> dict[str, Any]:
+    stamped = report.stamp()  # the code as it was when the run began
     urls = urls_or_embedded(settings())
     s = Settings()
     embedded = not (s.database_url and s.redis_url)
@@ -182,7 +183,7 @@ def run(opts: Options) -> dict[str, Any]:
                     )
     shutil.rmtree(logs, ignore_errors=True)
     return {
-        "stamp": report.stamp(),
+        "stamp": stamped,
         "measured_at": datetime.now(UTC).isoformat(),
         "seconds": round(time.monotonic() - begun, 1),
         "machine": described,
@@ -302,3 +303,7 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     report.print_results(results)
     print(f"\nwritten to {out}; `python -m bench.report --write` puts its table in the docs")
+
+
+if __name__ == "__main__":
+    main()
