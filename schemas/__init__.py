@@ -27,7 +27,7 @@ from schemas.events import (
     OrderShippedEvent,
     ShippingAddress,
 )
-from schemas.parsing import parse_event, payload_hash
+from schemas.parsing import content_hash, parse_event, same_content
 
 __all__ = [
     "CLOUD_EVENT",
@@ -51,6 +51,7 @@ __all__ = [
     "OrderShipped",
     "OrderShippedEvent",
     "ShippingAddress",
+    "content_hash",
     "parse_event",
-    "payload_hash",
+    "same_content",
 ]

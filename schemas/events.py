@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from decimal import Decimal
 from functools import cached_property
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import (
     AwareDatetime,
@@ -155,20 +155,71 @@ def _timestamp_string(value: Any) -> Any:
     return value
 
 
-class _Envelope(BaseModel):
-    """CloudEvents context attributes shared by every event type."""
+# Extension attributes (CloudEvents 1.0: lower-case letters and digits, at most 20 characters;
+# a string, integer or boolean), such as traceparent: accepted and kept, never part of an
+# event's identity or content (schemas/parsing.py: content_hash). Bounded, as all input is.
+EXTENSION_NAME = r"^[a-z0-9]{1,20}$"
+MAX_EXTENSIONS = 16
+MAX_EXTENSION_LENGTH = 2048
+_INT32 = range(-(2**31), 2**31)
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _extension_problem(name: str, value: Any) -> str | None:
+    if name == "data_base64":
+        return "data_base64 is not accepted: data must be JSON (application/json)"
+    if name == "idempotencykey":  # orderonce's own extension, meaningful on order.created only
+        return "idempotencykey belongs on order.created only"
+    if not re.fullmatch(EXTENSION_NAME, name):
+        return f"{name!r} is not an attribute name: lower-case letters and digits, 1 to 20"
+    if isinstance(value, bool) or (isinstance(value, int) and value in _INT32):
+        return None
+    if isinstance(value, str):
+        return None if len(value) <= MAX_EXTENSION_LENGTH else f"{name} is too long"
+    return f"extension attribute {name} must be a string, an integer or a boolean"
+
+
+class _Envelope(BaseModel):
+    """CloudEvents context attributes shared by every event type, and any extension
+    attributes (kept in ``model_extra``)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        json_schema_extra={
+            "propertyNames": {"pattern": EXTENSION_NAME},
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "string", "maxLength": MAX_EXTENSION_LENGTH},
+                    {"type": "integer", "minimum": _INT32.start, "maximum": _INT32.stop - 1},
+                    {"type": "boolean"},
+                ]
+            },
+            "maxProperties": 12 + MAX_EXTENSIONS,
+        },
+    )
 
     specversion: Literal["1.0"]
     id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[ -~]+$")]
     source: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[!-~]+$")]
     subject: Identifier | None = None
     time: Annotated[AwareDatetime, BeforeValidator(_timestamp_string)]
-    datacontenttype: Literal["application/json"] = "application/json"
+    # JSON data only; a charset parameter (binary mode's Content-Type) is fine.
+    datacontenttype: Annotated[
+        str, StringConstraints(max_length=100, pattern=r"^application/json(\s*;.*)?$")
+    ] = "application/json"
     dataschema: Annotated[str, StringConstraints(max_length=512)] | None = None
     # HMAC of the rest of the event (schemas/signing.py), when producers sign.
-    signature: Annotated[str, StringConstraints(pattern=r"^v1=[0-9a-f]{64}$")] | None = None
+    signature: Annotated[str, StringConstraints(pattern=r"^v[12]=[0-9a-f]{64}$")] | None = None
+
+    @model_validator(mode="after")
+    def _check_extensions(self) -> Self:
+        extensions = self.model_extra or {}
+        if len(extensions) > MAX_EXTENSIONS:
+            raise ValueError(f"at most {MAX_EXTENSIONS} extension attributes")
+        for name, value in extensions.items():
+            if (problem := _extension_problem(name, value)) is not None:
+                raise ValueError(problem)
+        return self
 
     @property
     def key(self) -> tuple[str, str]:

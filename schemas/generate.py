@@ -55,11 +55,31 @@ def _dump(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def standard(schema: Any) -> Any:
+    """A pydantic schema with only standard JSON Schema 2020-12 keywords: pydantic's
+    ``discriminator`` (an OpenAPI keyword, which strict validators such as Ajv refuse) goes;
+    ``oneOf`` on the ``type`` constants says the same."""
+    if isinstance(schema, dict):
+        return {k: standard(v) for k, v in schema.items() if k != "discriminator"}
+    if isinstance(schema, list):
+        return [standard(v) for v in schema]
+    return schema
+
+
+def schema_of(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The published form of a schema: standard keywords, its dialect and its id declared."""
+    return {"$schema": DIALECT, "$id": name, **standard(schema)}
+
+
 def render() -> dict[str, str]:
     """File name → file text, for every schema file that belongs in ``schemas/json/``."""
-    files = {UNION_FILE: _dump(CLOUD_EVENT.json_schema())}
+    files = {UNION_FILE: _dump(schema_of(UNION_FILE, CLOUD_EVENT.json_schema()))}
     for envelope in ENVELOPES:
-        files[_event_type(envelope) + SUFFIX] = _dump(envelope.model_json_schema())
+        name = _event_type(envelope) + SUFFIX
+        files[name] = _dump(schema_of(name, envelope.model_json_schema()))
     return dict(sorted(files.items()))
 
 

@@ -122,17 +122,32 @@ def as_bytes(body: bytes | str) -> bytes:
 
 
 def parse_event(body: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> CloudEvent:
+    """The event of an untrusted body, or BadEvent with the reason (size, JSON, schema)."""
+    return read_event(body, max_bytes)[1]
+
+
+def read_event(
+    body: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[dict[str, Any], CloudEvent]:
+    """The body's JSON object, as it arrived (what a signature covers), and its event."""
     raw = as_bytes(body)
     if len(raw) > max_bytes:
         raise BadEvent(DeadLetterReason.OVERSIZED, f"{len(raw)} bytes, the limit is {max_bytes}")
     value = strict_json(raw)
     if not isinstance(value, dict):
         raise BadEvent(DeadLetterReason.BAD_ENVELOPE, "a CloudEvent is a JSON object")
+    return value, validate_event(value)
+
+
+def validate_event(value: dict[str, Any]) -> CloudEvent:
+    """An event from its structured form (a parsed JSON object, or what a binding built)."""
     try:
         return CLOUD_EVENT.validate_python(value)
     except ValidationError as exc:
-        detail = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise BadEvent(_schema_reason(exc), detail) from None
+        errors = exc.errors()
+        detail = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors[:5])
+        field = _location(errors[0]["loc"]) if errors else None
+        raise BadEvent(_schema_reason(exc), detail, None if field == "<root>" else field) from None
 
 
 def canonical_json(event: CloudEvent) -> bytes:
@@ -143,8 +158,35 @@ def canonical_json(event: CloudEvent) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
 
 
-def payload_hash(event: CloudEvent) -> str:
-    """sha256 of the canonical event without its signature: a redelivered copy hashes the same,
-    and so does one re-signed with a rotated key; an altered one doesn't."""
+# What an event's content is (docs/producers.md, "Identity"): two messages with the same
+# (source, id) are one event when these match, whatever else differs: ``time`` (an SDK's retry
+# stamps a new one), the signature, transport extensions (traceparent, ...).
+CONTENT_ATTRIBUTES = ("type", "subject", "datacontenttype", "dataschema", "idempotencykey", "data")
+
+
+def content_hash(event: CloudEvent) -> str:
+    """sha256 of the event's identity and content: (source, id) and CONTENT_ATTRIBUTES, data
+    as its schema reads it (money "9.9" and "9.90" are the same amount), datacontenttype
+    without parameters. Kept on the processed row and the outbox row of the event."""
+    dumped = event.model_dump(mode="json", exclude_none=True)
+    content: dict[str, Any] = {"source": event.source, "id": event.id}
+    for name in CONTENT_ATTRIBUTES:
+        if (value := dumped.get(name)) is not None:
+            content[name] = value
+    content["datacontenttype"] = event.datacontenttype.split(";", 1)[0].strip()
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def legacy_payload_hash(event: CloudEvent) -> str:
+    """The hash orderonce recorded before content_hash (until 2026-12): the whole canonical
+    event but its signature, time included. Rows written then still carry it."""
     unsigned = event.model_copy(update={"signature": None}) if event.signature else event
     return hashlib.sha256(canonical_json(unsigned)).hexdigest()
+
+
+def same_content(recorded: str, event: CloudEvent, digest: str | None = None) -> bool:
+    """Whether a hash on record (a processed row, a tombstone, an outbox row) is this event's
+    content; ``digest`` is its content_hash when already computed."""
+    if recorded == (digest or content_hash(event)):
+        return True
+    return recorded == legacy_payload_hash(event)

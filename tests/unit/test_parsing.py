@@ -22,7 +22,13 @@ from schemas.events import (
     OrderReleasedEvent,
     OrderShippedEvent,
 )
-from schemas.parsing import canonical_json, parse_event, payload_hash, strict_json
+from schemas.parsing import (
+    canonical_json,
+    content_hash,
+    legacy_payload_hash,
+    parse_event,
+    strict_json,
+)
 
 ENVELOPE: dict[str, Any] = {
     "specversion": "1.0",
@@ -235,7 +241,13 @@ BAD_ENVELOPES: dict[str, Any] = {
     "naive time": dict(sample("order.paid"), time="2024-05-01T12:00:00"),
     "not a time": dict(sample("order.paid"), time="yesterday"),
     "missing type": _without(sample("order.paid"), "type"),
-    "unknown top-level attribute": dict(sample("order.paid"), priority="high"),
+    # Extension attributes are accepted (test_extension_attributes_are_kept), within the spec.
+    "attribute name not lower-case": dict(sample("order.paid"), Priority="high"),
+    "attribute name too long": dict(sample("order.paid"), priorityoftheorderevent="high"),
+    "attribute an object": dict(sample("order.paid"), priority={"level": "high"}),
+    "attribute a float": dict(sample("order.paid"), priority=1.5),
+    "data_base64": dict(sample("order.paid"), data_base64="e30="),
+    "too many attributes": dict(sample("order.paid"), **{f"x{i}": "v" for i in range(17)}),
     "other datacontenttype": dict(sample("order.paid"), datacontenttype="text/xml"),
     "bad subject": dict(sample("order.paid"), subject="order 1"),
     "envelope and data both bad": dict(sample("order.paid"), id="", data={}),
@@ -350,11 +362,11 @@ def test_money_strings_outside_the_published_pattern_are_bad_schema(money: str) 
     assert reason_of(encode(_created(unit_price=money))) == "bad_schema"
 
 
-# --- payload_hash ---------------------------------------------------------------------------
+# --- content_hash ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("event_type", EVENT_TYPES)
-def test_payload_hash_ignores_key_order_and_whitespace(event_type: str) -> None:
+def test_content_hash_ignores_key_order_and_whitespace(event_type: str) -> None:
     raw = sample(event_type)
     compact = json.dumps(raw, separators=(",", ":")).encode()
     reordered = dict(reversed(list(raw.items())))
@@ -362,14 +374,14 @@ def test_payload_hash_ignores_key_order_and_whitespace(event_type: str) -> None:
     spaced = json.dumps(reordered, indent=7).encode()
     assert compact != spaced
     first, second = parse_event(compact), parse_event(spaced)
-    assert payload_hash(first) == payload_hash(second)
-    assert len(payload_hash(first)) == 64
+    assert content_hash(first) == content_hash(second)
+    assert len(content_hash(first)) == 64
 
 
-def test_payload_hash_ignores_default_attributes_spelled_out() -> None:
+def test_content_hash_ignores_default_attributes_spelled_out() -> None:
     raw = sample("order.paid")
     spelled = dict(raw, datacontenttype="application/json", dataschema=None)
-    assert payload_hash(parse_event(encode(raw))) == payload_hash(parse_event(encode(spelled)))
+    assert content_hash(parse_event(encode(raw))) == content_hash(parse_event(encode(spelled)))
 
 
 def _changed(event_type: str, path: tuple[str | int, ...], value: Any) -> dict[str, Any]:
@@ -406,12 +418,12 @@ DATA_CHANGES: list[tuple[str, tuple[str | int, ...], Any]] = [
 
 
 @pytest.mark.parametrize(("event_type", "path", "value"), DATA_CHANGES)
-def test_payload_hash_changes_when_any_data_value_changes(
+def test_content_hash_changes_when_any_data_value_changes(
     event_type: str, path: tuple[str | int, ...], value: Any
 ) -> None:
     original = parse_event(encode(sample(event_type)))
     altered = parse_event(encode(_changed(event_type, path, value)))
-    assert payload_hash(original) != payload_hash(altered)
+    assert content_hash(original) != content_hash(altered)
 
 
 def test_every_data_field_of_every_type_is_covered_by_a_change() -> None:
@@ -425,21 +437,44 @@ def test_every_data_field_of_every_type_is_covered_by_a_change() -> None:
         ("id", "evt-0002"),
         ("source", "urn:test:other"),
         ("subject", "order-2"),
-        ("time", "2024-05-01T12:00:01Z"),
         ("idempotencykey", "checkout-43"),
+        ("dataschema", "https://example.com/schemas/order.created/2"),
     ],
 )
-def test_payload_hash_changes_when_the_envelope_changes(attribute: str, value: str) -> None:
+def test_content_hash_changes_when_the_envelope_changes(attribute: str, value: str) -> None:
     raw = dict(sample("order.created"), idempotencykey="checkout-42")
     original = parse_event(encode(raw))
     altered = parse_event(encode(dict(raw, **{attribute: value})))
-    assert payload_hash(original) != payload_hash(altered)
+    assert content_hash(original) != content_hash(altered)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("time", "2024-05-01T12:00:01Z"),  # an SDK's retry stamps a new time
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("signature", "v2=" + "ab" * 32),
+        ("datacontenttype", "application/json; charset=utf-8"),
+    ],
+)
+def test_content_hash_ignores_what_is_not_content(attribute: str, value: str) -> None:
+    """Identity is (source, id); a copy is the same event when type, subject, data,
+    datacontenttype (its media type), dataschema and idempotency key match."""
+    raw = dict(sample("order.created"), idempotencykey="checkout-42")
+    original = parse_event(encode(raw))
+    resent = parse_event(encode(dict(raw, **{attribute: value})))
+    assert content_hash(original) == content_hash(resent)
+    assert legacy_payload_hash(original) != legacy_payload_hash(resent) or attribute in (
+        "signature",
+        "traceparent",
+        "datacontenttype",
+    )
 
 
 def test_equal_money_spelled_differently_hashes_the_same() -> None:
     a = parse_event(encode(_with_data("order.paid", amount="25.90")))
     b = parse_event(encode(_with_data("order.paid", amount="25.9")))
-    assert payload_hash(a) == payload_hash(b)
+    assert content_hash(a) == content_hash(b)
 
 
 @pytest.mark.parametrize("event_type", EVENT_TYPES)
@@ -447,7 +482,25 @@ def test_canonical_json_parses_back_to_the_same_event(event_type: str) -> None:
     event = parse_event(encode(sample(event_type)))
     again = parse_event(canonical_json(event))
     assert again == event
-    assert payload_hash(again) == payload_hash(event)
+    assert content_hash(again) == content_hash(event)
+
+
+def test_extension_attributes_are_kept() -> None:
+    raw = dict(
+        sample("order.paid"),
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        partitionkey="ORD-1",
+        sequence=7,
+        sampled=True,
+    )
+    event = parse_event(encode(raw))
+    assert event.model_extra == {
+        "traceparent": raw["traceparent"],
+        "partitionkey": "ORD-1",
+        "sequence": 7,
+        "sampled": True,
+    }
+    assert parse_event(canonical_json(event)) == event  # kept on the way to the worker
 
 
 # --- bodies that should be BadEvent but raise something else ---------------------------------
@@ -496,9 +549,9 @@ def _parses_or_bad_event(body: bytes | str) -> None:
             "bad_schema",
         }
         return
-    digest = payload_hash(event)
+    digest = content_hash(event)
     assert len(digest) == 64
-    assert payload_hash(parse_event(canonical_json(event))) == digest
+    assert content_hash(parse_event(canonical_json(event))) == digest
 
 
 @settings(max_examples=300, deadline=None)

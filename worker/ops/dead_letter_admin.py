@@ -23,7 +23,8 @@ from typing import Any, Literal, cast
 from sqlalchemy import Connection, Engine, func, or_, select, text, update
 
 from orderonce.errors import BadEvent, DeadLetterError
-from schemas import CLOUD_EVENT, CloudEvent, parse_event, payload_hash
+from schemas import CLOUD_EVENT, CloudEvent, content_hash, parse_event, same_content
+from schemas.parsing import legacy_payload_hash
 from schemas.vocabulary import NOT_EVENT_BODIES, OutcomeKind
 from worker.store.dead_letters import BODY_KEEP_BYTES
 from worker.store.tables import dead_letters
@@ -166,7 +167,8 @@ def replay(
         if event is not None and as_new:
             event = _as_new(conn, row.dead_letter_id, event)
         target = None if event is None else (event.source, event.id)
-        digest = None if event is None else payload_hash(event)
+        # Its content as recorded now, or as recorded before content_hash (legacy rows).
+        digests = () if event is None else (content_hash(event), legacy_payload_hash(event))
         prior = None if target is None else _record(conn, *target)
         started: datetime = conn.execute(text("SELECT now()")).scalar_one()
 
@@ -179,7 +181,7 @@ def replay(
         sent_sha = None  # signed by the publisher, maybe: watched by its id instead
     found = _wait(
         engine,
-        lambda conn: _observe(conn, target, digest, prior, sent_sha, started),
+        lambda conn: _observe(conn, target, digests, prior, sent_sha, started),
         timeout_s,
         poll_s,
     )
@@ -223,7 +225,7 @@ def _as_new(conn: Connection, dead_letter_id: int, event: CloudEvent) -> CloudEv
             f"{where} was never processed: replay it without --as-new. Under a new id it "
             "would take effect a second time if the original ever arrives"
         )
-    if original.payload_hash == payload_hash(event) and original.outcome in (
+    if same_content(original.payload_hash, event) and original.outcome in (
         None,
         OutcomeKind.APPLIED,
         OutcomeKind.DEFERRED,
@@ -254,7 +256,7 @@ class _Seen:
 def _observe(
     conn: Connection,
     target: tuple[str, str] | None,
-    digest: str | None,
+    digests: tuple[str, ...],
     prior: _Record | None,
     sent_sha: str | None,
     started: datetime,
@@ -286,12 +288,12 @@ def _observe(
     if prior is not None:
         # A pruned event's copy is not counted anywhere: its tombstone alone settles it.
         settled = now is not None and (
-            (now.outcome is None and now.payload_hash == digest)
+            (now.outcome is None and now.payload_hash in digests)
             or (now.outcome is not None and now.duplicates > prior.duplicates)
         )
         if not settled and again is None:
             return None
-        if prior.payload_hash == digest and prior.outcome in (
+        if prior.payload_hash in digests and prior.outcome in (
             OutcomeKind.REJECTED,
             OutcomeKind.DEAD_LETTERED,
         ):
@@ -303,7 +305,7 @@ def _observe(
                 prior.outcome,
                 prior.reason,
             )
-        if prior.payload_hash == digest:
+        if prior.payload_hash in digests:
             return _Seen(
                 "already_applied",
                 f"already applied: nothing changed ({where} was processed before"
@@ -319,7 +321,7 @@ def _observe(
         return _Seen(
             "already_applied",
             f"already applied: nothing changed. {where} took effect with other content "
-            f"(payload hash {prior.payload_hash[:12]}…, this body {str(digest)[:12]}…), so "
+            f"(content hash {prior.payload_hash[:12]}…, this body's {digests[0][:12]}…), so "
             "this dead letter stays open: `--as-new` applies its body under a new id, or "
             "discard it",
             prior.outcome,

@@ -39,7 +39,7 @@ from typing import Literal
 from sqlalchemy import Connection, Engine, text
 
 from orderonce.errors import BatchRace
-from schemas import CloudEvent, payload_hash
+from schemas import CloudEvent, content_hash, same_content
 from schemas.vocabulary import DeadLetterReason, DuplicateCause, OutcomeKind
 from worker.domain.results import Applied, Deferred, Duplicate, Rejected, Result
 from worker.protocol.failpoints import failpoint
@@ -153,7 +153,7 @@ def process_batch(
                 mid = message_ids[i]
             else:
                 mid = f"{message_id}/{position}" if message_id is not None else None
-            entries.append(_Entry(position, body, admitted, payload_hash(admitted), mid))
+            entries.append(_Entry(position, body, admitted, content_hash(admitted), mid))
     joined = b"\n".join(bodies)  # failpoints match a text anywhere in the batch
     failpoint("before_lock", joined)
     held, busy = locks.acquire([e.event.key for e in entries])
@@ -403,13 +403,13 @@ def _count_duplicates(
             )
             continue
         prior, first_message = on_record[ev.key]
-        if prior != e.digest:
+        if not same_content(prior, e.event, e.digest):
             dead_letters.record(
                 conn,
                 e.body,
                 DeadLetterReason.ID_CONFLICT,
-                f"event {ev.source}/{ev.id} was applied with payload hash {prior}; "
-                f"this copy hashes {e.digest}",
+                f"event {ev.source}/{ev.id} was applied with other content (hash {prior}); "
+                f"this copy's content hashes {e.digest}",
                 source=ev.source,
                 event_id=ev.id,
                 event_type=ev.type,

@@ -35,7 +35,8 @@ from tenacity import (
 )
 
 from orderonce.errors import BadEvent
-from schemas import CloudEvent, parse_event, payload_hash
+from schemas import CloudEvent, content_hash, same_content
+from schemas.parsing import read_event
 from schemas.signing import verify
 from schemas.vocabulary import DeadLetterReason, DuplicateCause, OutcomeKind
 from worker.domain.results import Applied, Conflict, Deferred, Duplicate, Rejected, Result
@@ -138,10 +139,10 @@ def admit(body: bytes, config: Config) -> CloudEvent | Refusal:
     """Step 1, shared with the batch protocol (worker/protocol/batch.py): the parsed event,
     or why it can never be one (bad input, a missing or forged signature)."""
     try:
-        event = parse_event(body, config.max_body_bytes)
+        received, event = read_event(body, config.max_body_bytes)
     except BadEvent as bad:
         return Refusal(bad.reason, bad.detail, {})
-    if config.verify_keys and not verify(event, config.verify_keys):
+    if config.verify_keys and not verify(received, event, config.verify_keys):
         detail = "no signature" if event.signature is None else "no key matches the signature"
         ids = {
             "source": event.source,
@@ -166,7 +167,7 @@ def with_db_retries(attempts: int) -> Retrying:
 def _commit_once(
     engine: Engine, event: CloudEvent, body: bytes, message_id: str | None, config: Config
 ) -> Outcome:
-    digest = payload_hash(event)
+    digest = content_hash(event)
     with engine.begin() as conn:
         if not processed.claim(conn, event, digest, message_id):
             return _duplicate_delivery(conn, event, digest, body, message_id)
@@ -228,15 +229,15 @@ def _duplicate_delivery(
 ) -> Outcome:
     order_id = getattr(event, "subject", None)
     prior, redelivered = processed.count_duplicate(conn, event, message_id)
-    if prior != digest:
+    if not same_content(prior, event, digest):
         # Same identity, different content: a producer reused an id. The first one won; the
         # second is kept for a human, since applying it could be exactly the wrong thing.
         dead_letters.record(
             conn,
             body,
             DeadLetterReason.ID_CONFLICT,
-            f"event {event.source}/{event.id} was applied with payload hash {prior}; "
-            f"this copy hashes {digest}",
+            f"event {event.source}/{event.id} was applied with other content (hash {prior}); "
+            f"this copy's content hashes {digest}",
             source=event.source,
             event_id=event.id,
             event_type=event.type,
