@@ -40,10 +40,9 @@ from sqlalchemy import Connection, event, make_url
 
 from bench import cpu
 from orderonce.config import Settings
-from orderonce.dev.sandboxes import libpq_url
 from worker import protocol
 from worker.protocol.locks import BatchLocks
-from worker.store.db import make_engine, send_lists_in_binary
+from worker.store.db import libpq_url, make_engine, send_lists_in_binary
 
 Statement = tuple[str, Any]
 Transaction = list[Statement]

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from orderonce.dev.sandboxes import libpq_url
+from worker.store.db import libpq_url
 
 _TICK = os.sysconf("SC_CLK_TCK")
 

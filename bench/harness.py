@@ -32,10 +32,10 @@ from orderonce.config import Settings
 from orderonce.dev.demo import count_run
 from orderonce.dev.demo_stream import DemoStream, build_stream
 from orderonce.dev.processes import WorkerProcess
-from orderonce.dev.sandboxes import fresh_database, libpq_url
+from orderonce.dev.sandboxes import fresh_database
 from worker import protocol
 from worker.protocol.locks import BatchLocks
-from worker.store.db import make_engine
+from worker.store.db import libpq_url, make_engine
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,12 @@ from bench.harness import (
 from orderonce.config import Settings
 from orderonce.dev.demo import count_run
 from orderonce.dev.processes import WorkerProcess, wait_until
-from orderonce.dev.sandboxes import libpq_url
 from producers import Publisher
 from worker import protocol
 from worker.messaging.broker import make_celery
 from worker.ops import reports
 from worker.protocol.locks import EventLocks
-from worker.store.db import make_engine
+from worker.store.db import libpq_url, make_engine
 
 
 def plain_celery(

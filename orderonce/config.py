@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".orderonce")
 
     queue: str = "orderonce.events"
+    # RabbitMQ: the queue of plain CloudEvents (the AMQP binding) the workers also consume
+    # (worker/messaging/amqp_ingest.py).
+    ingest_queue: str = "orderonce.ingest"
     # Per-order ordering (docs/operations.md#per-order-ordering): 0 is off. N > 0 routes each
     # event by its order id (subject) to one of the queues ``{queue}.0`` .. ``{queue}.{N-1}``,
     # each consumed by one single-threaded worker (``orderonce worker --shard I``).
@@ -91,6 +94,18 @@ class Settings(BaseSettings):
     duplicate_policy: Literal["hold", "reject", "allow"] = "hold"
     duplicate_window_s: int = 600
 
+    # The HTTP front door (``orderonce ingest``, producers/ingest/). Bearer tokens and the
+    # sources each may publish, "token:source-prefix,...": with none, the front door serves
+    # loopback addresses only. From the environment only.
+    ingest_tokens: SecretStr | None = None
+    ingest_max_request_bytes: int = 4 * 1024 * 1024
+    ingest_max_batch_events: int = 1000
+    # Backpressure: requests are refused (429) while the broker holds more messages than this.
+    ingest_max_backlog: int = 100_000
+    # Group commit: at most this many events per transaction, this many transactions at once.
+    ingest_group_max_events: int = 500
+    ingest_writers: int = 2
+
     # Message authentication (schemas/signing.py). Producers sign with signing_key; workers
     # accept events signed with any of verify_keys (comma-separated: rotation), and, when any
     # key is set, dead-letter unsigned or forged events. From the environment only.
@@ -125,6 +140,10 @@ def check_safety(s: Settings) -> None:
         problems.append("idle_in_transaction_timeout_ms must be shorter than lock_ttl_ms")
     if s.delivery_limit < 1:
         problems.append("delivery_limit must be at least 1, or RabbitMQ never redelivers")
+    if not 1 <= s.ingest_group_max_events <= s.batch_max_events:
+        problems.append("ingest_group_max_events must be between 1 and batch_max_events")
+    if not 1 <= s.ingest_max_batch_events <= s.batch_max_events:
+        problems.append("ingest_max_batch_events must be between 1 and batch_max_events")
     if s.ordered_queues < 0:
         problems.append("ordered_queues must be 0 (off) or a number of queues")
     if problems:

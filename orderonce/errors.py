@@ -76,6 +76,16 @@ class FailpointError(OrderOnceError, RuntimeError):
     (worker/protocol/failpoints.py)."""
 
 
+class StoreUnavailable(OrderOnceError):
+    """The front door could not settle a request in PostgreSQL. ``stored`` says what the client
+    may be told: False, nothing of it was committed; None, the commit's outcome is unknown (the
+    connection died during COMMIT): a resend settles it, as an exact resend is idempotent."""
+
+    def __init__(self, message: str, *, stored: bool | None) -> None:
+        super().__init__(message)
+        self.stored = stored
+
+
 # --- operations ----------------------------------------------------------------------------
 
 

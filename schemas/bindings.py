@@ -76,7 +76,7 @@ def from_amqp(
     """The event(s) of an AMQP message: structured, batched, or binary mode."""
     kind = media_type(content_type)
     if kind == STRUCTURED:
-        return [_object(strict_json(body), "the message body")]
+        return [structured(body)]
     if kind == BATCH:
         return batch(body)
     attributes: dict[str, Any] = {}
@@ -93,6 +93,11 @@ def from_amqp(
             "specversion",
         )
     return [_with_data(attributes, content_type, body)]
+
+
+def structured(body: bytes) -> dict[str, Any]:
+    """The event of a structured-mode body."""
+    return _object(strict_json(body), "the body")
 
 
 def batch(body: bytes) -> list[dict[str, Any]]:
@@ -138,13 +143,16 @@ def _with_data(attributes: dict[str, Any], content_type: str | None, body: bytes
 
 def _percent_decoded(name: str, value: str) -> str:
     try:
-        return unquote_to_bytes(value).decode("utf-8")
+        decoded = unquote_to_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
+        decoded = "\x00"
+    if "\x00" in decoded:  # PostgreSQL text cannot hold NUL: no event may (parsing.py)
         raise BadEvent(
             DeadLetterReason.BAD_ENVELOPE,
-            f"header {name} is not percent-encoded UTF-8",
+            f"header {name} is not percent-encoded UTF-8 text",
             name.removeprefix(HTTP_PREFIX),
-        ) from None
+        )
+    return decoded
 
 
 def _amqp_value(name: str, value: Any) -> Any:

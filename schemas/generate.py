@@ -1,4 +1,5 @@
-"""Write the JSON Schema files in ``schemas/json/`` from the pydantic models.
+"""Write the JSON Schema files in ``schemas/json/`` from the pydantic models, and the API
+documents (OpenAPI, AsyncAPI) in ``schemas/api/``.
 
 The pydantic models in ``schemas.events`` are the source of truth; these files are for producers
 written in other languages. Output is deterministic (sorted keys, two-space indent, one trailing
@@ -16,6 +17,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from schemas import api
 from schemas.events import (
     CLOUD_EVENT,
     InventoryRestockedEvent,
@@ -122,8 +124,35 @@ def stale(directory: Path = JSON_DIR) -> list[str]:
     return sorted(problems)
 
 
+API_DIR = Path(__file__).resolve().parent / "api"
+
+
+def render_api() -> dict[str, str]:
+    """The API documents (schemas/api.py): OpenAPI for HTTP, AsyncAPI for the broker."""
+    return {"asyncapi.json": _dump(api.asyncapi()), "openapi.json": _dump(api.openapi())}
+
+
+def stale_api(directory: Path = API_DIR) -> list[str]:
+    return sorted(
+        name
+        for name, text in render_api().items()
+        if not (directory / name).is_file() or (directory / name).read_text("utf-8") != text
+    )
+
+
+def write_api(directory: Path = API_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in render_api().items():
+        path = directory / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8", newline="\n")
+        paths.append(path)
+    return paths
+
+
 def main() -> int:
-    for path in write():
+    for path in [*write(), *write_api()]:
         print(path)
     return 0
 

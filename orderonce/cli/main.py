@@ -36,6 +36,7 @@ def _load_settings() -> None:
 app.command()(run.worker)
 app.command()(run.relay)
 app.command()(run.publish)
+app.command()(run.ingest)
 # Orders.
 order_app.command("show")(orders.order_show)
 order_app.command("release")(orders.order_release)

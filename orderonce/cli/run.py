@@ -1,4 +1,4 @@
-"""Running the system: workers, the relay, publishing."""
+"""Running the system: workers, the relay, publishing, the HTTP front door."""
 
 from __future__ import annotations
 
@@ -160,39 +160,131 @@ def publish(
     ] = 1,
     as_json: JsonFlag = False,
 ) -> None:
-    """Publish CloudEvents (one JSON object per line) to the broker."""
+    """Publish CloudEvents, one JSON object per line, through the outbox. Each line is checked
+    and sent as it arrives; a bad one is reported on stderr with its number and reason and not
+    sent. Exit status 1 when any line was bad."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+
     from orderonce.config import settings
     from producers import Publisher
+    from producers.lines import lines_of
 
-    stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
-    publisher = Publisher(urls().broker_url, settings(), outbox_engine=engine())
-    published = skipped = 0
+    s = settings()
+    try:
+        stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        console.print(f"[red]cannot read {file}:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    errors = Console(stderr=True)
+    total = None if file == "-" else Path(file).stat().st_size
+    progress = Progress(
+        TextColumn("publishing"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} bytes"),
+        TransferSpeedColumn(),
+        console=errors,
+        disable=as_json or not errors.is_terminal,
+    )
+    publisher = Publisher(urls().broker_url, s, outbox_engine=engine())
+    published = refused = 0
     pending: list[str] = []
 
     def send() -> None:
-        if batch_size == 1:
+        if len(pending) == 1:
             publisher.publish_raw(pending[0])
         else:
             publisher.publish_raw_batch(pending)
         pending.clear()
 
     try:
-        for line in stream:
-            if line.strip():
-                # Sent as-is: validating is the worker's job, and it dead-letters bad input
-                # with a reason instead of losing it here.
-                pending.append(line.strip())
+        with progress:
+            task = progress.add_task("publish", total=total)
+            for line in lines_of(stream, s.max_body_bytes):
+                progress.update(task, completed=stream.tell() if total else None)
+                if line.body is None:
+                    refused += 1
+                    errors.print(f"line {line.number}: {line.refusal}", highlight=False)
+                    continue
+                pending.append(line.body)
                 published += 1
-                if len(pending) == batch_size:
+                if len(pending) >= batch_size:
                     send()
-            else:
-                skipped += 1
-        if pending:
-            send()
+            if pending:
+                send()
     finally:
         publisher.close()
-    summary = {"published": published, "blank_lines": skipped}
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    summary = {"published": published, "refused": refused}
     if as_json:
         print_json(summary)
     else:
-        console.print(f"published {published} events")
+        console.print(
+            f"published {published} events" + (f", refused {refused} lines" if refused else "")
+        )
+    if refused:
+        raise typer.Exit(1)
+
+
+def ingest(
+    host: Annotated[str, typer.Option(help="Address to serve.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve.", min=1, max=65535)] = 8080,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            help="Publish what was stored right after each commit (--no-publish: leave it "
+            "to `orderonce relay`)."
+        ),
+    ] = True,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Serve the CloudEvents HTTP front door: POST /events (structured, binary, batched). A 2xx
+    means the events are durable (committed to the outbox); each takes effect exactly once."""
+    import uvicorn
+
+    from orderonce import logs
+    from orderonce.config import settings
+    from orderonce.errors import UnsafeSettings
+    from producers import Publisher
+    from producers.ingest.app import create_app
+    from producers.ingest.auth import is_loopback, parse_tokens
+    from worker.ops.health import check_postgres
+
+    s = settings()
+    try:
+        grants = parse_tokens(s.ingest_tokens.get_secret_value() if s.ingest_tokens else None)
+    except UnsafeSettings as exc:
+        console.print(f"[red]refusing to start:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if not grants and not is_loopback(host):
+        console.print(
+            f"[red]refusing to serve {host} without ORDERONCE_INGEST_TOKENS:[/] anyone who can "
+            "reach it could publish orders. Set tokens, or serve 127.0.0.1 behind a proxy."
+        )
+        raise typer.Exit(2)
+    servers = urls()
+    schema = check_postgres(servers.database_url)
+    if not schema.ok:
+        console.print(f"[red]refusing to start:[/] {schema.detail}", highlight=False)
+        raise typer.Exit(2)
+    logs.configure(loglevel)
+    publisher = None
+    if publish and not s.ordered_queues:
+        # Batch messages go to the one queue; with ordered queues the relay routes each event.
+        publisher = Publisher(servers.broker_url, s)
+    try:
+        app = create_app(s, servers, publish=publisher.send_batch if publisher else None)
+        console.print(f"front door on http://{host}:{port}/events (API: /docs, /openapi.json)")
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            log_level=loglevel.lower(),
+            access_log=False,
+            server_header=False,
+        )
+    finally:
+        if publisher is not None:
+            publisher.close()

@@ -19,16 +19,12 @@ from sqlalchemy import create_engine, make_url
 
 from orderonce.config import Settings
 from worker.messaging.broker import dead_letter_exchange_name, dead_letter_queue
+from worker.store.db import libpq_url
 from worker.store.migrate import upgrade
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # Ordered-queue tests use a few shards; their queues are deleted by name up to this many.
 MAX_SHARDS_DELETED = 16
-
-
-def libpq_url(url: str) -> str:
-    """A SQLAlchemy URL as psycopg (libpq) takes it."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from sqlalchemy import Engine, text
 
 from producers.publisher import to_json
 from tests import events
+from tests.db import scalar
 from tests.workers import WorkerFactory, run_cli, wait_until
 
 _cli = run_cli
@@ -23,16 +27,16 @@ def test_publish_then_inspect(
         events.paid(order, "10.00"),
     ]
     body = "\n".join(to_json(e) for e in lines) + "\n" + "\n" + "garbage\n"
-    published = json.loads(_cli(worker_env, "publish", "-", "--json", stdin=body).stdout)
-    assert published == {"published": 4, "blank_lines": 1}
+    result = _cli(worker_env, "publish", "-", "--json", stdin=body, ok=False)
+    # The bad line is reported by number and reason, and not sent; the others are.
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"published": 3, "refused": 1}
+    assert "line 5: malformed_json" in result.stderr
 
     workers.start()
     with db.connect() as conn:
         wait_until(
-            lambda: (
-                conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one() == 3
-                and conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one() == 1
-            ),
+            lambda: conn.execute(text("SELECT count(*) FROM processed_messages")).scalar_one() == 3,
             30,
             "the events to be processed",
         )
@@ -50,7 +54,7 @@ def test_publish_then_inspect(
 
     stats = json.loads(_cli(worker_env, "stats", "--json").stdout)
     assert stats["events"] == {"applied": 3}
-    assert stats["dead_letters_by_reason"] == {"malformed_json": 1}
+    assert stats["dead_letters_by_reason"] == {}  # the bad line was never sent
     assert stats["orders_by_status"] == {"paid": 1}
 
     verdict = json.loads(_cli(worker_env, "verify", "--json").stdout)
@@ -106,3 +110,42 @@ def test_release_a_held_order_from_the_command_line(
     assert stats["duplicates_by_cause"]["fingerprint"] == 1
     assert stats["held_orders"] == 0
     assert json.loads(_cli(worker_env, "verify", "--json").stdout)["ok"] is True
+
+
+def test_publish_streams_each_line_as_it_arrives(
+    db: Engine, workers: WorkerFactory, worker_env: dict[str, str]
+) -> None:
+    """The first event takes effect while the input is still open: nothing waits for its end."""
+    workers.start()
+    publisher = subprocess.Popen(
+        [sys.executable, "-m", "orderonce", "publish", "-"],
+        env={**os.environ, **worker_env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert publisher.stdin is not None
+    try:
+        publisher.stdin.write(to_json(events.restock("SKU-STREAM", 4)).encode() + b"\n")
+        publisher.stdin.flush()
+        wait_until(
+            lambda: scalar(db, "SELECT count(*) FROM processed_messages") == 1,
+            30,
+            "the first line's event to be applied while the input is still open",
+        )
+        publisher.stdin.write(b"\xff\xfe not utf-8\n")
+        publisher.stdin.write(to_json(events.restock("SKU-STREAM", 1)).encode() + b"\n")
+        publisher.stdin.flush()
+        out, err = publisher.communicate(timeout=60)  # closes the input
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+    assert publisher.returncode == 1, err
+    assert b"line 2: malformed_json: not UTF-8" in err
+    assert b"Traceback" not in err
+    assert b"published 2 events, refused 1 lines" in out
+    wait_until(
+        lambda: scalar(db, "SELECT on_hand FROM inventory WHERE sku = 'SKU-STREAM'") == 5,
+        30,
+        "the second event",
+    )

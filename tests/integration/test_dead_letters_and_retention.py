@@ -9,9 +9,11 @@ import pytest
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
+from producers import Publisher
 from producers.publisher import to_json
 from schemas import CloudEvent
 from tests import events
+from tests.brokers import settings_from_env
 from tests.db import scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, run_cli, wait_until
@@ -19,6 +21,7 @@ from worker import protocol
 from worker.ops import reports, retention
 from worker.protocol.locks import EventLocks, lock_client
 from worker.store import dead_letters
+from worker.store.db import make_engine
 
 _cli = run_cli
 
@@ -28,7 +31,16 @@ def _json(worker_env: dict[str, str], *args: str, ok: bool = True) -> Any:
 
 
 def _publish(worker_env: dict[str, str], *bodies: str) -> None:
-    _cli(worker_env, "publish", "-", stdin="\n".join(bodies) + "\n")
+    """Bodies as they are, bad ones included, through the outbox (``orderonce publish`` refuses
+    bad lines before they are sent: tests/integration/test_cli.py)."""
+    settings = settings_from_env(worker_env)
+    engine = make_engine(worker_env["ORDERONCE_DATABASE_URL"], settings)
+    publisher = Publisher(worker_env["ORDERONCE_BROKER_URL"], settings, outbox_engine=engine)
+    try:
+        publisher.publish_raw_many(list(bodies))
+    finally:
+        publisher.close()
+        engine.dispose()
 
 
 def _wait_for(db: Engine, sql: str, expected: int, what: str) -> None:

@@ -16,6 +16,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 
 from orderonce.config import Settings, Urls
 from worker.messaging import tasks
+from worker.messaging.amqp_ingest import AmqpIngest
 from worker.messaging.broker import check_celery_safety, make_celery
 from worker.messaging.event_loop_tick import EventLoopTick
 from worker.messaging.rabbitmq_dead_letters import RabbitMQDeadLetters
@@ -30,6 +31,8 @@ def create_app(settings: Settings, urls: Urls) -> Celery:
     app.conf.worker_consumer = "worker.messaging.consumer:DeadLetteringConsumer"
     # RabbitMQ's dead-letter queue, emptied into the dead_letters table (a no-op on Redis).
     app.steps["worker"].add(RabbitMQDeadLetters)
+    # RabbitMQ's queue of plain CloudEvents (the AMQP binding), handed to the task queue.
+    app.steps["worker"].add(AmqpIngest)
     app.steps["consumer"].add(EventLoopTick)
     check_celery_safety(app.conf, settings)
     app.orderonce_runtimes = Runtimes(settings, urls)

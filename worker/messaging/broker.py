@@ -49,6 +49,13 @@ def dead_letter_exchange_name(settings: Settings) -> str:
     return f"{settings.queue}.dlx"
 
 
+def ingest_queue(settings: Settings) -> Queue:
+    """The queue of plain CloudEvents on RabbitMQ (``orderonce.ingest``; the AMQP binding,
+    worker/messaging/amqp_ingest.py), set up as the task queues are: quorum, with a delivery
+    limit, dead-lettering into the dead_letters table."""
+    return amqp_task_queue(settings.ingest_queue, settings.model_copy(update={"ordered_queues": 0}))
+
+
 def dead_letter_queue(settings: Settings) -> Queue:
     """Where RabbitMQ puts what it dead-letters; worker/messaging/rabbitmq_dead_letters.py
     empties it into the dead_letters table. Fanout: a retried message's routing key carries a
@@ -222,3 +229,32 @@ def _amqp_problems(conf: Any, settings: Settings) -> list[str]:
         if not arguments.get("x-dead-letter-exchange"):
             problems.append(f"queue {name} needs a dead-letter exchange")
     return problems
+
+
+def queued_messages(broker_url: str, queues: list[str], timeout_s: float = 2.0) -> int:
+    """Messages waiting in ``queues`` (ready, not yet taken by a worker): Redis LLEN, or
+    RabbitMQ's message count. Raises when the broker cannot be reached."""
+    if not is_amqp(broker_url):
+        import redis
+
+        client = redis.Redis.from_url(
+            broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        try:
+            pipe = client.pipeline(transaction=False)
+            for queue in queues:
+                pipe.llen(queue)
+            return sum(int(n) for n in pipe.execute())
+        finally:
+            client.close()
+    from kombu.connection import Connection
+
+    total = 0
+    with Connection(broker_url, connect_timeout=timeout_s) as conn:  # type: ignore[no-untyped-call]  # kombu: no hints
+        channel = conn.channel()
+        for queue in queues:
+            try:
+                total += int(channel.queue_declare(queue, passive=True).message_count)
+            except Exception:  # not declared yet: nothing waits in it
+                channel = conn.channel()
+    return total

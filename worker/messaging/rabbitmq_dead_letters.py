@@ -13,19 +13,16 @@ record it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from celery import bootsteps
-from kombu.connection import Connection
-from kombu.messaging import Consumer
 
 from schemas.vocabulary import DeadLetterReason
-from worker.messaging.broker import TASK_NAME, dead_letter_queue, is_amqp
+from worker.messaging.broker import TASK_NAME, dead_letter_queue
+from worker.messaging.queue_thread import RECONNECT_PAUSE_S, QueueThread
 from worker.messaging.runtime import runtime_of
 from worker.ops import metrics
 from worker.store import dead_letters
@@ -44,8 +41,6 @@ DEATH_REASONS = {
 # Prefetch of the dead-letter consumer: dead letters are rare, and recording one is a short
 # transaction in the worker's main process.
 PREFETCH = 4
-HEARTBEAT_S = 30
-RECONNECT_PAUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -113,70 +108,17 @@ def _raw(message: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
 
 
-class RabbitMQDeadLetters(bootsteps.StartStopStep):  # type: ignore[misc]  # celery: no hints
-    """Consume ``{queue}.dead`` in a thread of the worker's main process (RabbitMQ only).
+class RabbitMQDeadLetters(QueueThread):
+    """Consume ``{queue}.dead`` in a thread of the worker's main process (RabbitMQ only)."""
 
-    On a connection of its own: a second consumer on the worker's task connection made task
-    deliveries wait (seen: 10 s stalls between two messages on a solo worker), since Celery's
-    event loop reads that connection for its own consumer only. It starts after the pool, so
-    the pool's first processes are forked before the thread exists.
-    """
+    thread_name = "broker-dead-letters"
+    prefetch = PREFETCH
 
-    requires = ("celery.worker.components:Pool",)
+    def queue(self, app: Any) -> Any:
+        return dead_letter_queue(runtime_of(app).settings)
 
-    def __init__(self, w: Any, **kwargs: Any) -> None:
-        super().__init__(w, **kwargs)
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def include_if(self, w: Any) -> bool:
-        return is_amqp(str(w.app.conf.broker_url))
-
-    def start(self, w: Any) -> None:
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(w.app,),
-            name="broker-dead-letters",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self, w: Any) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self, app: Any) -> None:
-        broker_url = str(app.conf.broker_url)
-        queue = dead_letter_queue(runtime_of(app).settings)
-        while not self._stopping.is_set():
-            try:
-                connection = Connection(  # type: ignore[no-untyped-call]  # kombu: no hints
-                    broker_url, heartbeat=HEARTBEAT_S, connect_timeout=5
-                )
-                with connection as conn:
-                    consumer = Consumer(  # type: ignore[no-untyped-call]  # kombu: no hints
-                        conn.channel(),
-                        queues=[queue],
-                        # The raw message: the body is never deserialised here (it may be
-                        # anything a publisher sent), and it is acked by hand once its row is in.
-                        on_message=lambda message: _record(app, message),
-                        prefetch_count=PREFETCH,
-                    )
-                    with consumer:
-                        self._drain(conn)
-            except Exception:
-                if self._stopping.is_set():
-                    return
-                log.exception("broker dead-letter consumer failed; reconnecting")
-                self._stopping.wait(RECONNECT_PAUSE_S)
-
-    def _drain(self, conn: Any) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn.drain_events(timeout=1)
-            except TimeoutError:
-                conn.heartbeat_check()
+    def on_message(self, app: Any, message: Any) -> None:
+        _record(app, message)
 
 
 def _record(app: Any, message: Any) -> None:

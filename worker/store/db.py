@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 from psycopg.types.array import ListBinaryDumper
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from orderonce.config import Settings
@@ -59,3 +59,8 @@ def is_transient(exc: BaseException) -> bool:
         # no retry can change.
         return isinstance(exc, OperationalError | InterfaceError)
     return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy URL as psycopg (libpq) takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -7,7 +7,13 @@ are absorbed by the worker's claim protocol, so sending too often is harmless; n
 is what the outbox prevents.
 
 Upstream systems that keep their own data in the same PostgreSQL can call ``add`` inside their
-own transaction: the event then exists exactly when their change does, and the relay sends it.
+own transaction (or insert rows with SQL of their own: docs/producers.md says which columns):
+the event then exists exactly when their change does, and the relay sends it.
+
+The HTTP front door (producers/ingest/) writes here too, many requests per transaction, with
+the statements at the end of this module: an event's (source, id) is locked, looked up among
+the outbox, processed and pruned events, and only then inserted, so that an exact resend is
+told from a reused id before the client is answered.
 """
 
 from __future__ import annotations
@@ -101,3 +107,45 @@ _DELETE_SETTLED = text(
     )
     """
 )
+
+
+# --- the HTTP front door's group commit (producers/ingest/writer.py) -------------------------
+# In psycopg's own parameter style: the front door runs them on async psycopg connections.
+
+# Every (source, id) of the group, as the advisory lock key of worker.protocol.locks' format,
+# locked in one sorted statement so that two groups with a key in common never deadlock.
+ACCEPT_LOCK = (
+    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+    " FROM unnest(%(keys)s::text[]) AS k ORDER BY h) AS sorted"
+)
+# What is on record for those events: a hash of the content as it was recorded (NULL for an
+# outbox row written without one: its body is then read), and where.
+ACCEPT_RECORDED = """
+WITH k AS (SELECT * FROM unnest(%(sources)s::text[], %(ids)s::text[]) AS k(source, event_id))
+SELECT o.source, o.event_id, o.content_hash, o.body, 'outbox' AS kind
+  FROM outbox o JOIN k USING (source, event_id)
+UNION ALL
+SELECT p.source, p.event_id, p.payload_hash, NULL, 'processed'
+  FROM processed_messages p JOIN k USING (source, event_id)
+UNION ALL
+SELECT t.source, t.event_id, t.payload_hash, NULL, 'pruned'
+  FROM processed_tombstones t JOIN k USING (source, event_id)
+"""
+# New events; ``due`` seconds before the relay looks at them (0: it sends them itself).
+ACCEPT_INSERT = """
+INSERT INTO outbox (body_sha256, source, event_id, body, content_hash, sends, due_at)
+SELECT v.body_sha256, v.source, v.event_id, v.body, v.content_hash, %(sends)s,
+       now() + make_interval(secs => %(due)s)
+  FROM unnest(%(body_sha256)s::text[], %(sources)s::text[], %(ids)s::text[],
+              %(bodies)s::text[], %(content_hashes)s::text[])
+       AS v(body_sha256, source, event_id, body, content_hash)
+ON CONFLICT (body_sha256) DO NOTHING
+"""
+# The broker refused a group's publish: the relay sends those rows at once.
+ACCEPT_SEND_NOW = "UPDATE outbox SET due_at = now() WHERE body_sha256 = ANY(%(keys)s::text[])"
+
+
+def accept_key(source: str, event_id: str) -> str:
+    """The advisory lock key of one event's (source, id): length-prefixed, so that ("a:b", "c")
+    and ("a", "b:c") never share one."""
+    return f"orderonce/outbox/{len(source)}:{source}:{event_id}"

@@ -237,6 +237,9 @@ outbox = Table(
     Column("source", Text),
     Column("event_id", Text),
     Column("body", Text, nullable=False),
+    # The event's content hash (schemas.parsing.content_hash): what tells an exact resend from a
+    # reused id. NULL where the writer did not compute it (an upstream system's own INSERT).
+    Column("content_hash", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Sends so far (0: written by an upstream transaction, the relay sends it first).
     Column("sends", Integer, nullable=False, server_default="0"),
@@ -245,4 +248,5 @@ outbox = Table(
     # Set once the relay saw a terminal record (processed row, tombstone or dead letter).
     Column("settled_at", DateTime(timezone=True)),
     Index("ix_outbox_due_at", "due_at", postgresql_where=text("settled_at IS NULL")),
+    Index("ix_outbox_source_event_id", "source", "event_id"),
 )
