@@ -15,6 +15,7 @@ import redis
 from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
+from orderonce.dev.processes import IngestProcess, free_port
 from orderonce.dev.sandboxes import (
     DEFAULT_AMQP_URL,
     delete_declared,
@@ -162,3 +163,17 @@ def workers(broker: Broker, tmp_path: Path) -> Iterator[WorkerFactory]:
     factory = WorkerFactory(broker.env, tmp_path)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def ingest(db: Engine, broker: Broker, tmp_path: Path) -> Iterator[IngestProcess]:
+    """``orderonce ingest`` (the HTTP front door) on a free port, with the test's broker and
+    database; stopped after the test."""
+    front = IngestProcess(
+        "ingest", {**os.environ, **broker.env}, tmp_path / "ingest.log", free_port()
+    )
+    try:
+        front.wait_ready()
+        yield front
+    finally:
+        front.terminate()

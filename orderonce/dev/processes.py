@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,3 +158,27 @@ class RelayProcess(OrderonceProcess):
 
     def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
         super().__init__(name, env, log, ["relay"])
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class IngestProcess(OrderonceProcess):
+    """One ``orderonce ingest`` (the HTTP front door) on a port of 127.0.0.1."""
+
+    ready_marker = "Application startup complete"
+
+    def __init__(
+        self, name: str, env: dict[str, str], log: Path, port: int, args: Sequence[str] = ()
+    ) -> None:
+        self.port = port
+        super().__init__(name, env, log, ["ingest", f"--port={port}", *args])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
