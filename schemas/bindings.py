@@ -13,7 +13,7 @@ the attribute at fault.
   CloudEvents SDKs' RabbitMQ bindings use), ``content_type`` is ``datacontenttype``.
 
 Only JSON data is accepted (``datacontenttype`` ``application/json``, with parameters or
-without): the order events are JSON. A binary-mode attribute keeps the string it arrived as,
+without, or none at all): the order events are JSON. A binary-mode attribute keeps the string it arrived as,
 so a signature computed over the structured form verifies (schemas/signing.py).
 """
 
@@ -122,20 +122,17 @@ def _with_data(attributes: dict[str, Any], content_type: str | None, body: bytes
                 f"{reserved} cannot be an attribute header in binary mode",
                 reserved,
             )
-    if content_type is None or not content_type.strip():
-        raise BadEvent(
-            DeadLetterReason.CONTENT_TYPE_REFUSED,
-            "binary mode needs the content type of its data (application/json)",
-            "datacontenttype",
-        )
-    if not is_json(content_type):
-        raise BadEvent(
-            DeadLetterReason.CONTENT_TYPE_REFUSED,
-            f"data must be JSON (application/json), not {content_type!r}",
-            "datacontenttype",
-        )
     event = dict(attributes)
-    event["datacontenttype"] = content_type.strip()
+    # No content type at all (an SDK's event without datacontenttype): the data is read as
+    # JSON, which is all orderonce's data can be, and datacontenttype keeps its default.
+    if content_type is not None and content_type.strip():
+        if not is_json(content_type):
+            raise BadEvent(
+                DeadLetterReason.CONTENT_TYPE_REFUSED,
+                f"data must be JSON (application/json), not {content_type!r}",
+                "datacontenttype",
+            )
+        event["datacontenttype"] = content_type.strip()
     if body:
         event["data"] = strict_json(body)
     return event

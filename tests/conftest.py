@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from orderonce.config import Settings
+from orderonce.dev.embedded import PrivatePostgres
 from orderonce.dev.processes import IngestProcess, free_port
 from orderonce.dev.sandboxes import (
     DEFAULT_AMQP_URL,
@@ -29,6 +30,7 @@ from tests.brokers import Broker, settings_from_env
 from tests.servers import ServerUrls, fast_timings, session_servers
 from tests.workers import WorkerFactory
 from worker.store.db import make_engine
+from worker.store.migrate import upgrade
 
 
 @pytest.fixture(scope="session")
@@ -177,3 +179,17 @@ def ingest(db: Engine, broker: Broker, tmp_path: Path) -> Iterator[IngestProcess
         yield front
     finally:
         front.terminate()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    # Outside pytest's 0700 tmp dir: the server runs as an unprivileged user.
+    workdir = Path(tempfile.mkdtemp(prefix="orderonce-pg-"))
+    pg = PrivatePostgres(workdir)
+    pg.start()
+    engine = create_engine(pg.url)
+    upgrade(engine)
+    engine.dispose()
+    yield pg
+    pg.stop("fast")
+    shutil.rmtree(workdir, ignore_errors=True)

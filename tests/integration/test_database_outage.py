@@ -6,38 +6,26 @@ Runs against a private PostgreSQL so the shared server is never touched."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import pytest
+import httpx
 import redis
 from sqlalchemy import Engine, create_engine, text
 
 from orderonce.config import Settings
 from orderonce.dev.embedded import PrivatePostgres
+from orderonce.dev.processes import IngestProcess, free_port
 from producers import Publisher
+from producers.publisher import to_json
 from tests import events
+from tests.brokers import Broker
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker.ops import reports
-from worker.store.migrate import upgrade
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    # Outside pytest's 0700 tmp dir: the server runs as an unprivileged user.
-    workdir = Path(tempfile.mkdtemp(prefix="orderonce-pg-"))
-    pg = PrivatePostgres(workdir)
-    pg.start()
-    engine = create_engine(pg.url)
-    upgrade(engine)
-    engine.dispose()
-    yield pg
-    pg.stop("fast")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _count(engine: Engine, sql: str) -> int:
@@ -131,3 +119,59 @@ def test_a_redelivered_message_is_not_lost_while_postgres_is_down(
         assert _count(engine, "SELECT on_hand FROM inventory") == 3
     finally:
         engine.dispose()
+
+
+def test_the_front_door_never_says_stored_when_it_was_not(
+    db: Engine, private_pg: PrivatePostgres, broker: Broker, tmp_path: Path
+) -> None:
+    """PostgreSQL crashes (immediate stop) while clients post events. Every 202 must be in the
+    outbox afterwards, and every 503 that says ``stored: false`` must not: the client is told
+    "stored" or "not stored", never wrongly (``stored: null``, a commit whose outcome was lost,
+    may go either way, and a resend settles it)."""
+    env = {**os.environ, **broker.env, "ORDERONCE_DATABASE_URL": private_pg.url}
+    front = IngestProcess("door", env, tmp_path / "door.log", free_port(), ["--no-publish"])
+    answers: list[tuple[str, int, Any]] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                event = events.restock(f"SKU-{n}", 1)
+                response = http.post(
+                    f"{front.url}/events",
+                    content=to_json(event),
+                    headers={"content-type": "application/cloudevents+json"},
+                )
+                stored = response.json().get("stored") if response.status_code == 503 else None
+                answers.append((event.id, response.status_code, stored))
+                if response.status_code == 503:
+                    time.sleep(0.05)
+
+    front.wait_ready()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(a[1] == 202 for a in answers) > 50, 30, "accepted events")
+        private_pg.stop("immediate")
+        wait_until(lambda: sum(a[1] == 503 for a in answers) > 20, 30, "refusals while down")
+        private_pg.start()
+        seen = len(answers)
+        wait_until(
+            lambda: sum(a[1] == 202 for a in answers[seen:]) > 50, 60, "accepted events again"
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        front.terminate()
+    engine = create_engine(private_pg.url)
+    with engine.connect() as conn:
+        stored = set(conn.execute(text("SELECT event_id FROM outbox")).scalars())
+    engine.dispose()
+    statuses = {status for _, status, _ in answers}
+    assert statuses <= {202, 503}, statuses
+    told_stored = {event_id for event_id, status, _ in answers if status == 202}
+    told_not = {event_id for event_id, status, s in answers if status == 503 and s is False}
+    assert told_stored <= stored, f"told stored, not stored: {sorted(told_stored - stored)[:5]}"
+    assert not told_not & stored, f"told not stored, stored: {sorted(told_not & stored)[:5]}"
