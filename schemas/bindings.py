@@ -13,8 +13,8 @@ the attribute at fault.
   CloudEvents SDKs' RabbitMQ bindings use), ``content_type`` is ``datacontenttype``.
 
 Only JSON data is accepted (``datacontenttype`` ``application/json``, with parameters or
-without, or none at all): the order events are JSON. A binary-mode attribute keeps the string it arrived as,
-so a signature computed over the structured form verifies (schemas/signing.py).
+without, or none at all): the order events are JSON. A binary-mode attribute keeps the string it
+arrived as, so a signature computed over the structured form verifies (schemas/signing.py).
 """
 
 from __future__ import annotations
@@ -153,16 +153,28 @@ def _percent_decoded(name: str, value: str) -> str:
 
 
 def _amqp_value(name: str, value: Any) -> Any:
-    """An AMQP header value as the structured form holds it: text, integer or boolean; an AMQP
-    timestamp becomes an RFC 3339 string."""
+    """An AMQP header value as the structured form holds it: text, integer or boolean. An AMQP
+    timestamp (a datetime, or for ``time`` the milliseconds since the epoch that AMQP 1.0
+    clients such as the CloudEvents SDKs send) becomes an RFC 3339 string."""
     if isinstance(value, bytes):
         try:
-            return value.decode("utf-8")
+            value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise BadEvent(
                 DeadLetterReason.BAD_ENVELOPE, f"header {name} is not UTF-8", name
             ) from None
+    if _attribute(name) == "time" and isinstance(value, int) and not isinstance(value, bool):
+        value = datetime.fromtimestamp(value / 1000, UTC)
     if isinstance(value, datetime):
         stamp = value if value.tzinfo else value.replace(tzinfo=UTC)
         return stamp.isoformat().replace("+00:00", "Z")
+    if isinstance(value, str) and "\x00" in value:
+        raise BadEvent(DeadLetterReason.BAD_ENVELOPE, f"header {name} holds NUL", name)
     return value
+
+
+def _attribute(header: str) -> str:
+    for prefix in AMQP_PREFIXES:
+        if header.startswith(prefix):
+            return header[len(prefix) :]
+    return header

@@ -106,7 +106,8 @@ def broker(
     env = {
         **worker_env,
         "ORDERONCE_BROKER_URL": rabbitmq_url,
-        "ORDERONCE_QUEUE": f"orderonce.test.{os.getpid()}.{uuid.uuid4().hex[:8]}",
+        "ORDERONCE_QUEUE": (queue := f"orderonce.test.{os.getpid()}.{uuid.uuid4().hex[:8]}"),
+        "ORDERONCE_INGEST_QUEUE": f"{queue}.ingest",
     }
     rabbit = Broker("rabbitmq", rabbitmq_url, env, settings_from_env(env))
     yield rabbit

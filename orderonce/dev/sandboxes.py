@@ -136,9 +136,9 @@ def delete_declared(url: str, settings: Settings) -> None:
     base = settings.queue
     queues = [base, *(f"{base}.{i}" for i in range(MAX_SHARDS_DELETED))]
     with connect(url) as conn:
-        for name in [*queues, dead_letter_queue(settings).name]:
+        for name in [*queues, settings.ingest_queue, dead_letter_queue(settings).name]:
             with contextlib.suppress(Exception):
                 conn.default_channel.queue_delete(name)
-        for name in [*queues, dead_letter_exchange_name(settings)]:
+        for name in [*queues, settings.ingest_queue, dead_letter_exchange_name(settings)]:
             with contextlib.suppress(Exception):
                 conn.default_channel.exchange_delete(name)
