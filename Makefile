@@ -7,12 +7,15 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tests/node/package-lock.json
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "orderonce needs Python 3.11 or newer (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,embedded]'
+	@# Node packages for the checks of docs/producers.md (skipped where there is no npm).
+	@command -v npm >/dev/null && npm ci --prefix tests/node --no-audit --no-fund --silent \
+		|| echo "no Node packages: tests/integration/test_node_producers.py will skip"
 	@touch $@
 
 demo: install
@@ -27,6 +30,7 @@ test-unit: install
 bench: install
 	$(BIN)/python -m bench.duplicate_check
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.ordering
 
 # What per-order ordering costs, alone (also the last part of `make bench`).

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -169,9 +170,8 @@ def free_port() -> int:
 
 
 class IngestProcess(OrderonceProcess):
-    """One ``orderonce ingest`` (the HTTP front door) on a port of 127.0.0.1."""
-
-    ready_marker = "Application startup complete"
+    """One ``orderonce ingest`` (the HTTP front door) on a port of 127.0.0.1; ready once it
+    answers ``GET /healthz``, whatever its log level."""
 
     def __init__(
         self, name: str, env: dict[str, str], log: Path, port: int, args: Sequence[str] = ()
@@ -182,3 +182,17 @@ class IngestProcess(OrderonceProcess):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            if not self.alive():
+                return True
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_until(answers, timeout, f"{self.name} to answer", 0.05)
+        if not self.alive():
+            raise WorkerDidNotStart(f"{self.name} exited at start:\n{self.text()[-3000:]}")

@@ -47,7 +47,7 @@ from schemas.parsing import validate_event
 from schemas.signing import verify
 from schemas.vocabulary import DeadLetterReason
 from worker.messaging.broker import queued_messages, task_queue_names
-from worker.store.db import libpq_url
+from worker.store.db import libpq_url, send_lists_in_binary
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def create_app(settings: Settings, urls: Urls, *, publish: Publish | None = None
             max_size=settings.ingest_writers + 1,
             timeout=5.0,
             open=False,
+            configure=_configure,
             kwargs={
                 "connect_timeout": 5,
                 "options": f"-c statement_timeout={settings.statement_timeout_ms}"
@@ -156,6 +157,12 @@ def create_app(settings: Settings, urls: Urls, *, publish: Publish | None = None
     )
     app.state.door = door
     return app
+
+
+async def _configure(conn: Any) -> None:
+    # Lists (the group's columns) in binary format: psycopg's text format writes them element
+    # by element in Python, a sixth of the front door's CPU with batches of 100.
+    send_lists_in_binary(conn)
 
 
 def _handler(
