@@ -49,10 +49,21 @@ class QueueThread(bootsteps.StartStopStep):  # type: ignore[misc]  # celery: no 
         return is_amqp(str(w.app.conf.broker_url))
 
     def start(self, w: Any) -> None:
+        self._declare(w.app)
         self._thread = threading.Thread(
             target=self._run, args=(w.app,), name=self.name, daemon=True
         )
         self._thread.start()
+
+    def _declare(self, app: Any) -> None:
+        """Declare the queue before the worker says it is ready: a producer that publishes as
+        soon as the worker is up must find it (the default exchange drops a message for a queue
+        that does not exist yet)."""
+        try:
+            with Connection(str(app.conf.broker_url), connect_timeout=5) as conn:  # type: ignore[no-untyped-call]  # kombu
+                self.queue(app)(conn.default_channel).declare()
+        except Exception:  # the broker is down: the thread declares it once it connects
+            log.warning("%s: could not declare its queue yet", self.thread_name, exc_info=True)
 
     def stop(self, w: Any) -> None:
         self._stopping.set()
