@@ -30,6 +30,7 @@ from orderonce.errors import UnsafeSettings
 from schemas.vocabulary import DeadLetterReason
 from worker.messaging.buffered import Buffer
 from worker.messaging.runtime import runtime_of
+from worker.messaging.transport import UNREADABLE
 from worker.ops import metrics
 from worker.protocol import HandedBack, Outcome
 from worker.protocol.batch import apply_with_quick_tries
@@ -65,6 +66,10 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         buffer = self.buffer
 
         def on_task_received(message: Any) -> None:
+            if message.content_type == UNREADABLE:  # a list entry that is no message at all
+                if self._keep(message, DeadLetterReason.UNDECODABLE, None):
+                    message.ack_log_error(log, self.connection_errors)
+                return
             if message.content_type not in ACCEPTED_CONTENT_TYPES:
                 if self._keep(message, DeadLetterReason.CONTENT_TYPE_REFUSED, None):
                     message.ack_log_error(log, self.connection_errors)
