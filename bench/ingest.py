@@ -47,7 +47,15 @@ CONNECTIONS = 32
 
 def wrk(url: str, events_per_request: int, seconds: float) -> dict[str, Any]:
     done = subprocess.run(
-        ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{round(seconds)}s", "-s", str(SCRIPT), f"{url}/events"],
+        [
+            "wrk",
+            "-t2",
+            f"-c{CONNECTIONS}",
+            f"-d{round(seconds)}s",
+            "-s",
+            str(SCRIPT),
+            f"{url}/events",
+        ],
         env={**os.environ, "EVENTS": str(events_per_request), "PREFIX": uuid.uuid4().hex},
         capture_output=True,
         text=True,

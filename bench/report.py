@@ -241,7 +241,6 @@ def print_results(results: dict[str, Any]) -> None:
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def stamp() -> dict[str, Any]:
@@ -319,32 +318,70 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def doc_table(doc: Path = DOC) -> str:
-    """The table between the markers of docs/performance.md."""
-    text = doc.read_text(encoding="utf-8")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+def markdown_ingest(results: dict[str, Any]) -> str:
+    """The front door's table of docs/performance.md, rendered from one run's JSON."""
+    m, o, s, st = results["machine"], results["options"], results["summary"], results["stamp"]
+    lines = [
+        f"`make bench` (bench.ingest) at {st['commit']}, {st['measured_at'][:10]}; {m['nproc']}"
+        f" cores, PostgreSQL {m['postgres']['server_version'].split()[0]} (fsync"
+        f" {m['postgres']['fsync']}), {m['servers']} servers; wrk with {o['connections']}"
+        f" keep-alive connections, {o['seconds']:g} s per mode, medians of {o['runs']} runs."
+        f" Durable: every event wrk saw answered 202 was in the outbox afterwards:"
+        f" {'yes' if s['durable'] else 'NO'}. Raw results: `bench/results/{results['file']}`.",
+        "",
+        "| way in | events/s | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+        f"| HTTP, one event per POST | {_n(s['single']['events_per_s'])}"
+        f" | {s['single']['p50_ms']:.1f} | {s['single']['p99_ms']:.1f} |",
+        f"| HTTP, batches of 100 | {_n(s['batch_100']['events_per_s'])}"
+        f" | {s['batch_100']['p50_ms']:.1f} | {s['batch_100']['p99_ms']:.1f} |",
+        f"| Python Publisher straight to the broker (one thread, not durable before the send)"
+        f" | {_n(s['publisher_to_broker']['events_per_s'])} | n/a | n/a |",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-def write_doc_table(results: dict[str, Any], doc: Path = DOC) -> None:
+# Each generated block of docs/performance.md: its marker, the results it shows, the renderer.
+BLOCKS = {"results": ("throughput", markdown_table), "ingest": ("ingest", markdown_ingest)}
+
+
+def _markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+
+
+def doc_table(block: str = "results", doc: Path = DOC) -> str:
+    """The table between a block's markers in docs/performance.md."""
+    begin, end = _markers(block)
     text = doc.read_text(encoding="utf-8")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(f"{head}{BEGIN}\n{markdown_table(results)}{END}{tail}", encoding="utf-8")
+    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+
+
+def rendered(block: str) -> str:
+    """A block's table as the newest results render it."""
+    name, render = BLOCKS[block]
+    path = newest(name)
+    return render(json.loads(path.read_text()) | {"file": path.name})
+
+
+def write_doc_tables(doc: Path = DOC) -> None:
+    text = doc.read_text(encoding="utf-8")
+    for block in BLOCKS:
+        begin, end = _markers(block)
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = f"{head}{begin}\n{rendered(block)}{end}{tail}"
+    doc.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
-    """``python -m bench.report [FILE] [--write]``: the table of FILE (default: the newest
-    results), printed, or written into docs/performance.md."""
-    args = sys.argv[1:]
-    write = "--write" in args
-    files = [a for a in args if a != "--write"]
-    path = Path(files[0]) if files else newest()
-    results = json.loads(path.read_text()) | {"file": path.name}
-    if write:
-        write_doc_table(results)
-        print(f"docs/performance.md: table from {path.name}")
-    else:
-        print(markdown_table(results), end="")
+    """``python -m bench.report [--write]``: the tables of the newest results, printed, or
+    written into docs/performance.md."""
+    if "--write" in sys.argv[1:]:
+        write_doc_tables()
+        print("docs/performance.md: tables from the newest results in bench/results/")
+        return
+    for block in BLOCKS:
+        print(rendered(block))
 
 
 if __name__ == "__main__":
