@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".orderonce")
 
     queue: str = "orderonce.events"
+    # Redis brokers: orderonce's transport (atomic receive, many messages per round trip:
+    # worker/messaging/transport.py) or kombu's own, the fallback. Both share queues.
+    redis_transport: Literal["orderonce", "kombu"] = "orderonce"
     # RabbitMQ: the queue of plain CloudEvents (the AMQP binding) the workers also consume
     # (worker/messaging/amqp_ingest.py).
     ingest_queue: str = "orderonce.ingest"

@@ -157,10 +157,13 @@ def test_make_celery_is_safe_for_other_safe_settings() -> None:
     assert app.conf.broker_transport_options["visibility_timeout"] == 120
 
 
-def test_redis_brokers_get_one_client_per_channel_and_others_kombus_transport() -> None:
+def test_redis_brokers_get_orderonces_transport_and_others_kombus() -> None:
     assert _app().conf.broker_transport == REDIS_TRANSPORT
     assert make_celery("rediss://127.0.0.1:1/0", Settings()).conf.broker_transport is None
     assert make_celery("amqp://guest@127.0.0.1:1//", Settings()).conf.broker_transport is None
+    # The fallback: kombu's own Redis transport, which shares queues with orderonce's.
+    kombus = make_celery("redis://127.0.0.1:1/0", Settings(redis_transport="kombu"))
+    assert kombus.conf.broker_transport is None
 
 
 def _flip_visibility(conf: Any, seconds: float) -> None:

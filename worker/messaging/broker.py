@@ -128,10 +128,12 @@ RESTORE_MUTEX_EXPIRE_S = 10
 
 def _redis_conf(broker_url: str, settings: Settings) -> dict[str, Any]:
     return {
-        # kombu's own transport builds a Redis client object per message it receives, acks or
-        # publishes; this one keeps one per channel (worker/messaging/transport.py). rediss://
-        # and other schemes keep kombu's.
-        "broker_transport": REDIS_TRANSPORT if urlsplit(broker_url).scheme == "redis" else None,
+        # orderonce's transport receives atomically, many messages per round trip, and keeps
+        # one Redis client per channel (worker/messaging/transport.py); kombu's own can lose a
+        # message a killed worker had just popped. rediss:// and other schemes keep kombu's.
+        "broker_transport": REDIS_TRANSPORT
+        if urlsplit(broker_url).scheme == "redis" and settings.redis_transport == "orderonce"
+        else None,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             # Scan for messages of dead workers every few seconds (kombu's default is about

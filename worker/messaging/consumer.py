@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 from vine import promise
 
 from orderonce.errors import UnsafeSettings
 from schemas.vocabulary import DeadLetterReason
+from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME
 from worker.messaging.buffered import Buffer
 from worker.messaging.runtime import runtime_of
 from worker.messaging.transport import UNREADABLE
@@ -47,6 +49,43 @@ def _raw_body(message: Any) -> bytes:
 
 
 ACCEPTED_CONTENT_TYPES = frozenset({"application/json"})
+OUR_TASKS = frozenset({TASK_NAME, BATCH_TASK_NAME})
+
+
+def _refusal(message: Any) -> DeadLetterReason | None:
+    """Why a message can never run, when that is known before Celery sees it.
+
+    - A list entry that is no kombu message (the transport hands it over as UNREADABLE): JSON
+      without kombu's envelope (an event pushed as it is) is ``invalid_message``; anything
+      else (not JSON, nested too deep, a body that does not decode) ``undecodable``.
+    - A content type other than JSON: ``content_type_refused``.
+    - One of our tasks whose body is not ``[args, kwargs, embed]`` with a list and a mapping:
+      Celery would fail the call and ack it, so ``bad_task_arguments`` (the tasks check the
+      arguments' contents themselves)."""
+    if message.content_type == UNREADABLE:
+        try:
+            entry = orjson.loads(message.body)
+        except (orjson.JSONDecodeError, TypeError):
+            return DeadLetterReason.UNDECODABLE
+        # A kombu message whose body would not decode, or JSON that is no kombu message.
+        enveloped = isinstance(entry, dict) and {"body", "properties"} <= entry.keys()
+        return DeadLetterReason.UNDECODABLE if enveloped else DeadLetterReason.INVALID_MESSAGE
+    if message.content_type not in ACCEPTED_CONTENT_TYPES:
+        return DeadLetterReason.CONTENT_TYPE_REFUSED
+    if (message.headers or {}).get("task") not in OUR_TASKS:
+        return None  # Celery's own handling dead-letters it (on_unknown_*)
+    try:
+        body = message.decode()  # cached on the message: Celery reads this same decode
+    except Exception:
+        return None  # Celery's own handling dead-letters it as undecodable
+    shaped = (
+        isinstance(body, list | tuple)
+        and len(body) == 3
+        and isinstance(body[0], list | tuple)
+        and isinstance(body[1], dict)
+        and isinstance(body[2], dict | None)
+    )
+    return None if shaped else DeadLetterReason.BAD_TASK_ARGUMENTS
 
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no type hints
@@ -66,12 +105,9 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         buffer = self.buffer
 
         def on_task_received(message: Any) -> None:
-            if message.content_type == UNREADABLE:  # a list entry that is no message at all
-                if self._keep(message, DeadLetterReason.UNDECODABLE, None):
-                    message.ack_log_error(log, self.connection_errors)
-                return
-            if message.content_type not in ACCEPTED_CONTENT_TYPES:
-                if self._keep(message, DeadLetterReason.CONTENT_TYPE_REFUSED, None):
+            refusal = _refusal(message)
+            if refusal is not None:
+                if self._keep(message, refusal, None):
                     message.ack_log_error(log, self.connection_errors)
                 return
             if buffer is not None and buffer.offer(message):
