@@ -76,7 +76,13 @@ def chaos(
         int, typer.Option(help="Events to publish (copies and hostile input on top).")
     ] = 100_000,
     seed: Annotated[int, typer.Option(help="Seed of the workload and the fault schedule.")] = 1,
-    profile: Annotated[str, typer.Option(help="full (every fault, relay on) or control.")] = "full",
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="full (every fault, relay on), control, or no-outbox (straight to the broker, "
+            "frequent SIGKILLs, no relay)."
+        ),
+    ] = "full",
     variant: Annotated[
         str, typer.Option(help="correct, or a deliberately broken worker (negative control).")
     ] = "correct",
@@ -91,6 +97,13 @@ def chaos(
     buffered: Annotated[
         int, typer.Option(help="Run the workers in buffered mode with this buffer (0: off).")
     ] = 0,
+    kombu_worker: Annotated[
+        bool,
+        typer.Option(
+            "--kombu-worker",
+            help="no-outbox: one more worker, on kombu's own Redis transport, never killed.",
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="Keep servers' data, logs and the publish log here.")
@@ -103,8 +116,8 @@ def chaos(
 
     from orderonce.dev.chaos.runner import ChaosOptions, run
 
-    if profile not in ("full", "control"):
-        console.print("[red]--profile must be full or control[/]")
+    if profile not in ("full", "control", "no-outbox"):
+        console.print("[red]--profile must be full, control or no-outbox[/]")
         raise typer.Exit(2)
 
     def interrupted(signum: int, _frame: object) -> None:
@@ -123,6 +136,7 @@ def chaos(
             batch=batch,
             broker_url=broker_url,
             buffered=buffered,
+            kombu_worker=kombu_worker,
         )
     )
     if out is not None:

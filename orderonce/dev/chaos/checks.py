@@ -61,12 +61,8 @@ def final(conn: Connection, attempts: list[Attempt], restocks: list[Publication]
         dead[sha].add(reason)
     in_outbox = set(conn.execute(text("SELECT body_sha256 FROM outbox")).scalars())
 
-    def terminal(a: Attempt) -> bool:
-        return (a.identity is not None and a.identity in processed) or a.sha256 in dead
-
-    # Lost: published ok, or maybe published and durably in the outbox, yet never terminal.
     reached = [a for a in attempts if a.outcome == "ok" or a.sha256 in in_outbox]
-    lost = sorted({f"{a.kind}:{a.identity or a.sha256[:12]}" for a in reached if not terminal(a)})
+    lost = _lost(reached, processed, dead)
 
     published = {a.identity for a in attempts if a.identity is not None}
     twice = [f"{k[0]}/{k[1]}" for k, rows in processed.items() if len(rows) > 1]
@@ -131,6 +127,31 @@ def final(conn: Connection, attempts: list[Attempt], restocks: list[Publication]
     ]
 
 
+def _lost(
+    reached: list[Attempt],
+    processed: dict[Identity, list[tuple[str, str | None]]],
+    dead: dict[str, set[str]],
+) -> list[str]:
+    """Published ok, or maybe published and durably in the outbox, yet never terminal (no
+    processed row, no dead letter of its body)."""
+
+    def terminal(a: Attempt) -> bool:
+        return (a.identity is not None and a.identity in processed) or a.sha256 in dead
+
+    return sorted({f"{a.kind}:{a.identity or a.sha256[:12]}" for a in reached if not terminal(a)})
+
+
+def lost(conn: Connection, attempts: list[Attempt]) -> list[str]:
+    """The events published ok that have no terminal record yet (no outbox involved)."""
+    processed: dict[Identity, list[tuple[str, str | None]]] = defaultdict(list)
+    for source, event_id in conn.execute(text("SELECT source, event_id FROM processed_messages")):
+        processed[(source, event_id)].append(("", None))
+    dead: dict[str, set[str]] = defaultdict(set)
+    for sha in conn.execute(text("SELECT body_sha256 FROM dead_letters")).scalars():
+        dead[sha].add("")
+    return _lost([a for a in attempts if a.outcome == "ok"], processed, dead)
+
+
 def attempt_outcomes(conn: Connection, attempts: list[Attempt]) -> dict[str, int]:
     """Each ok publish attempt as exactly one of applied (the first of its event), duplicate
     (a later copy) or dead-lettered."""
@@ -152,4 +173,4 @@ def attempt_outcomes(conn: Connection, attempts: list[Attempt]) -> dict[str, int
     return dict(counts)
 
 
-__all__ = ["Finding", "attempt_outcomes", "body_sha256", "final", "invariants"]
+__all__ = ["Finding", "attempt_outcomes", "body_sha256", "final", "invariants", "lost"]

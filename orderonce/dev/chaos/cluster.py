@@ -52,6 +52,7 @@ class Cluster:
         with_relay: bool,
         lock_ttl_s: float,
         rng: random.Random,
+        kombu_worker: bool = False,
     ) -> None:
         self.pg, self.redis, self.lock_redis = pg, redis_server, lock_redis
         self.broker_url, self.env, self.lock_ttl_s, self.rng = broker_url, env, lock_ttl_s, rng
@@ -68,6 +69,15 @@ class Cluster:
             )
             for n, pool in enumerate(pools)
         ]
+        # A worker on kombu's own Redis transport sharing the queue, never a fault's victim.
+        self.protected: set[str] = set()
+        if kombu_worker:
+            kombu_env = {**env, "ORDERONCE_REDIS_TRANSPORT": "kombu"}
+            spare = WorkerProcess(
+                "kombu", kombu_env, logs / "worker-kombu.log", "solo", 1, worker_args, entry
+            )
+            self.workers.append(spare)
+            self.protected.add(spare.name)
         self.relay = RelayProcess("relay", env, logs / "relay.log") if with_relay else None
         self.paused: dict[int, float] = {}  # process group -> when to resume it
         self.stopped_since: dict[int, float] = {}  # a process a failpoint stopped -> since
@@ -79,7 +89,7 @@ class Cluster:
 
     def inject(self, fault: str, engine: Engine) -> None:
         rng, note = self.rng, self.tally.note
-        live = [w for w in self.workers if w.alive()]
+        live = [w for w in self.workers if w.alive() and w.name not in self.protected]
         if fault == "kill_main" and live:
             victim = rng.choice(live)
             victim.signal_group(signal.SIGKILL)

@@ -5,6 +5,12 @@ Profiles:
 - ``full``: every fault of ../shared/FAULTS.md, the relay on; what ``make chaos`` runs.
 - ``control``: the faults that break the negative-control variants, with no relay and no broker
   restarts, so a message a broken worker acknowledged without an outcome stays lost and shows.
+- ``no-outbox``: the publisher sends straight to the broker, with no outbox and no relay, and
+  workers are SIGKILLed often (main processes above all: the receive window of kombu's Redis
+  transport lost messages there). Nothing may be lost all the same. No broker restarts: a
+  broker that loses what it accepted needs the outbox (docs/guarantees.md). With
+  ``kombu_worker``, one more worker on kombu's own Redis transport shares the queue, and is
+  never killed (it is the one that could lose a message when killed).
   Locks live in a Redis of their own that goes down now and then (F4: copies racing with no
   lock meet only the database there), and live long (10 s), so a copy requeued after its pool
   process was killed finds its dead holder's lock still held (F2).
@@ -39,7 +45,7 @@ from worker.store import outbox
 from worker.store.db import make_engine
 from worker.store.migrate import upgrade
 
-Profile = Literal["full", "control"]
+Profile = Literal["full", "control", "no-outbox"]
 
 TIMINGS: dict[str, Any] = {
     "task_soft_time_limit_s": 2,
@@ -66,6 +72,7 @@ CONTROL_TIMINGS = TIMINGS | {"lock_ttl_ms": 10_000}
 POOLS: dict[Profile, list[str]] = {
     "full": ["prefork", "prefork", "solo"],
     "control": ["prefork"] * 2,
+    "no-outbox": ["prefork", "solo", "solo"],
 }
 
 # Faults per 1,000 published events (at least the minimum), by profile.
@@ -83,6 +90,15 @@ RATES: dict[Profile, dict[str, tuple[float, int]]] = {
         "relay_kill": (0.03, 1),
     },
     "control": {"kill_child": (0.5, 1), "lock_outage": (4.0, 4)},
+    "no-outbox": {
+        "kill_main": (50.0, 20),
+        "kill_child": (5.0, 2),
+        "pause": (0.3, 1),
+        "lock_wipe": (0.2, 1),
+        "pg_restart": (0.05, 1),
+        "warm_shutdown": (0.5, 1),
+        "cold_shutdown": (0.5, 1),
+    },
 }
 
 
@@ -100,6 +116,7 @@ class ChaosOptions:
     buffered: int = 0  # workers in buffered mode with this buffer size (0: off)
     workdir: Path | None = None
     keep_workdir: bool = False
+    kombu_worker: bool = False  # no-outbox: one more worker, on kombu's transport, never killed
 
 
 def run(opts: ChaosOptions) -> dict[str, Any]:
@@ -202,6 +219,7 @@ class _Run:
             worker_args=[f"--buffered={self.opts.buffered}"] if self.opts.buffered else [],
             entry=entry,
             with_relay=self.opts.profile == "full",
+            kombu_worker=self.opts.kombu_worker,
             lock_ttl_s=self.lock_ttl_s,
             rng=self.rng,
         )
@@ -241,7 +259,10 @@ class _Run:
         resend_after = timedelta(seconds=self.settings.relay_resend_after_s)
         bodies = [p.body for p in chunk]
         while not self.stop.is_set():
-            outcome = self._commit_to_outbox(engine, bodies, resend_after)
+            if self.opts.profile == "no-outbox":
+                outcome = self._send(publisher, bodies)
+            else:
+                outcome = self._commit_to_outbox(engine, bodies, resend_after)
             self.log.record(chunk, outcome)
             if outcome != "ok":
                 time.sleep(0.5)
@@ -258,6 +279,19 @@ class _Run:
                     for body in bodies:
                         publisher.send(body, retry=False)
             return
+
+    def _send(self, publisher: Publisher, bodies: list[str]) -> publog.Outcome:
+        """Straight to the broker, no outbox: ok once the broker has every body (a failed
+        chunk is sent again, whole: the copies are duplicates)."""
+        try:
+            if self.opts.batch:
+                publisher.send_batch(bodies, retry=False)
+            else:
+                for body in bodies:
+                    publisher.send(body, retry=False)
+        except Exception:
+            return "failed"
+        return "ok"
 
     @staticmethod
     def _commit_to_outbox(
@@ -328,12 +362,19 @@ class _Run:
             self.cluster.supervise()
             try:
                 with engine.connect() as conn:
-                    if conn.execute(text(_UNSETTLED)).scalar_one() == 0:
+                    if self._settled(conn):
                         return time.monotonic() - began
             except Exception:
                 pass
             time.sleep(0.5)
         return float("nan")  # did not drain: the checks will say what is missing
+
+    def _settled(self, conn: Any) -> bool:
+        """Every outbox row has a terminal record; with no outbox, every event the publisher
+        sent ok."""
+        if self.opts.profile != "no-outbox":
+            return bool(conn.execute(text(_UNSETTLED)).scalar_one() == 0)
+        return not checks.lost(conn, list(publog.read(self.log.path)))
 
     def _snapshot(self) -> float:
         """Check the invariants on one consistent snapshot; how long that took."""
