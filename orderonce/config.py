@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # The relay sends outbox rows that have no terminal record this long after their last
     # send (backing off up to 8x on each further send), checking every relay_interval_s.
     relay_resend_after_s: float = 60.0
+    # ... except what was sent after the oldest message still waiting on the broker (it waits
+    # too), unless it was sent longer ago than this (producers/relay.py, horizon).
+    relay_max_hold_s: float = 600.0
     relay_interval_s: float = 1.0
     relay_batch_size: int = 500
 

@@ -12,6 +12,7 @@ or refuses it, because the relay sends it again until it has a terminal record.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,7 @@ from orderonce.config import Settings
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
 from schemas.signing import sign
-from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME, make_celery
+from worker.messaging.broker import BATCH_TASK_NAME, SENT_AT_HEADER, TASK_NAME, make_celery
 from worker.messaging.routing import ordering_key, queue_for_key
 from worker.store import outbox
 
@@ -125,7 +126,12 @@ class Publisher:
         """
         send = self._app.send_task
         args = (TASK_NAME,)
-        options = {"args": [body], "queue": self.queue_for(body), "retry": False}
+        options = {
+            "args": [body],
+            "queue": self.queue_for(body),
+            "retry": False,
+            "headers": {SENT_AT_HEADER: time.time()},
+        }
         if retry:
             self._retrying(send, *args, **options)
         else:
@@ -153,7 +159,12 @@ class Publisher:
     def send_batch(self, bodies: Sequence[str], *, retry: bool = True) -> None:
         """Send bodies as one batch message; with ``retry``, with backoff on broker errors."""
         send = self._app.send_task
-        options = {"args": [list(bodies)], "queue": self._queue, "retry": False}
+        options = {
+            "args": [list(bodies)],
+            "queue": self._queue,
+            "retry": False,
+            "headers": {SENT_AT_HEADER: time.time()},
+        }
         if retry:
             self._retrying(send, BATCH_TASK_NAME, **options)
         else:

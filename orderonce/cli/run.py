@@ -111,28 +111,43 @@ def relay(
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
-    """Send outbox events again until each has a terminal record (nothing lost by a broker)."""
+    """Send outbox events again until each has a terminal record (nothing lost by a broker);
+    never what the broker still holds."""
     import signal
     import threading
-    from datetime import timedelta
+    from datetime import datetime, timedelta
 
     from orderonce import logs
     from orderonce.config import settings
     from producers import Publisher
-    from producers.relay import relay_once, run
+    from producers.relay import horizon, relay_once, run
+    from worker.messaging.broker import backlog, task_queue_names
 
     logs.configure(loglevel)
     s = settings()
-    publisher = Publisher(urls().broker_url, s)
+    servers = urls()
+    publisher = Publisher(servers.broker_url, s)
     resend_after = timedelta(seconds=s.relay_resend_after_s)
+    queues, max_hold = task_queue_names(s), timedelta(seconds=s.relay_max_hold_s)
 
     def send(body: str) -> None:
         publisher.send(body, retry=False)  # a failed send is retried by the next pass
 
+    def current_horizon() -> datetime | None:
+        try:
+            waiting = backlog(servers.broker_url, queues)
+        except Exception:  # the broker is down: the sends will fail and be tried again
+            return None
+        return horizon(waiting, max_hold)
+
     try:
         if once:
             done = relay_once(
-                engine(), send, batch_size=s.relay_batch_size, resend_after=resend_after
+                engine(),
+                send,
+                batch_size=s.relay_batch_size,
+                resend_after=resend_after,
+                horizon=current_horizon(),
             )
             console.print(f"relay: {done.sent} sent, {done.settled} settled")
             return
@@ -147,6 +162,7 @@ def relay(
             resend_after=resend_after,
             interval_s=s.relay_interval_s,
             stop=stop,
+            horizon=current_horizon,
         )
     finally:
         publisher.close()

@@ -46,7 +46,7 @@ from schemas import api, bindings
 from schemas.parsing import validate_event
 from schemas.signing import verify
 from schemas.vocabulary import DeadLetterReason
-from worker.messaging.broker import queued_messages, task_queue_names
+from worker.messaging.broker import backlog, task_queue_names
 from worker.store.db import libpq_url, send_lists_in_binary
 
 log = logging.getLogger(__name__)
@@ -379,9 +379,8 @@ async def _watch_backlog(door: FrontDoor) -> None:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            door.backlog = await loop.run_in_executor(
-                None, queued_messages, door.urls.broker_url, queues
-            )
+            waiting = await loop.run_in_executor(None, backlog, door.urls.broker_url, queues)
+            door.backlog = waiting.messages
             door.backlog_gauge.set(door.backlog)
         except Exception as exc:  # the broker is down: the relay keeps events meanwhile
             log.debug("ingest: could not read the broker's backlog: %s", exc)

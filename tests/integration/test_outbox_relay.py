@@ -4,8 +4,10 @@ it has a terminal record, and the claim protocol absorbs the copies."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -13,11 +15,12 @@ from sqlalchemy import Engine, text
 
 from orderonce.config import Settings
 from producers import Publisher
-from producers.relay import relay_once
+from producers.relay import horizon, relay_once
 from schemas import CloudEvent
 from tests import events
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
+from worker.messaging.broker import backlog
 from worker.store import outbox
 
 RESEND_AFTER = timedelta(seconds=1)
@@ -143,3 +146,55 @@ def test_prune_deletes_old_settled_rows_and_never_unsettled_ones(
     assert outbox.prune_settled(db, timedelta(days=3)) == 0
     assert outbox.prune_settled(db, timedelta(days=1)) == 2
     assert _scalar(db, "SELECT count(*) FROM outbox WHERE settled_at IS NULL") == 1
+
+
+def _horizon(servers: ServerUrls, settings: Settings) -> Any:
+    return horizon(backlog(servers.redis_url, [settings.queue]), timedelta(minutes=10))
+
+
+def test_the_relay_does_not_resend_what_the_broker_still_holds(
+    db: Engine,
+    servers: ServerUrls,
+    settings: Settings,
+    publisher: Publisher,
+    workers: WorkerFactory,
+) -> None:
+    """Workers far behind: every row is due for a resend, and every message still waits in
+    the queue. Resending them would only add load (a retry storm); once the broker has lost
+    them, the relay sends them all."""
+    stream = _stream(40)
+    publisher.publish_many(stream)
+    time.sleep(RESEND_AFTER.total_seconds() + 0.5)  # every row is due again
+
+    def send(body: str) -> None:
+        publisher.send(body, retry=False)
+
+    held = relay_once(
+        db,
+        send,
+        batch_size=500,
+        resend_after=RESEND_AFTER,
+        horizon=_horizon(servers, settings),
+    )
+    assert held.sent == 0
+    # The oldest message is taken (a worker took it, say): what was sent before the new
+    # oldest one may go again, nothing after it.
+    client = redis.Redis.from_url(servers.redis_url)
+    try:
+        client.rpop(settings.queue)
+        some = relay_once(
+            db, send, batch_size=500, resend_after=RESEND_AFTER, horizon=_horizon(servers, settings)
+        )
+        assert some.sent <= 1
+        _lose_queued_messages(servers)
+    finally:
+        client.close()
+    assert _horizon(servers, settings) is None  # an empty broker holds nothing back
+    lost = relay_once(db, send, batch_size=500, resend_after=RESEND_AFTER, horizon=None)
+    assert lost.sent == len(stream) - some.sent
+    workers.start()
+    wait_until(
+        lambda: _scalar(db, "SELECT count(*) FROM processed_messages") == len(stream),
+        60,
+        "every event",
+    )

@@ -8,9 +8,11 @@ worker whose configuration drifted from them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
@@ -233,9 +235,23 @@ def _amqp_problems(conf: Any, settings: Settings) -> list[str]:
     return problems
 
 
-def queued_messages(broker_url: str, queues: list[str], timeout_s: float = 2.0) -> int:
-    """Messages waiting in ``queues`` (ready, not yet taken by a worker): Redis LLEN, or
-    RabbitMQ's message count. Raises when the broker cannot be reached."""
+# What every message orderonce's producers send carries: when it was sent (epoch seconds), so
+# that the relay can tell what the broker still holds (producers/relay.py).
+SENT_AT_HEADER = "orderonce_sent_at"
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Messages waiting in the task queues (not yet taken by a worker), and when the oldest
+    of them was sent: known on Redis for messages orderonce's producers sent, else None."""
+
+    messages: int
+    oldest_sent_at: float | None
+
+
+def backlog(broker_url: str, queues: list[str], timeout_s: float = 2.0) -> Backlog:
+    """Redis: LLEN and the oldest entry (kombu's queues are lists, oldest at the right end);
+    RabbitMQ: the queues' message counts. Raises when the broker cannot be reached."""
     if not is_amqp(broker_url):
         import redis
 
@@ -246,9 +262,14 @@ def queued_messages(broker_url: str, queues: list[str], timeout_s: float = 2.0) 
             pipe = client.pipeline(transaction=False)
             for queue in queues:
                 pipe.llen(queue)
-            return sum(int(n) for n in pipe.execute())
+                pipe.lindex(queue, -1)
+            replies = pipe.execute()
         finally:
             client.close()
+        stamps = [_sent_at(entry) for entry in replies[1::2] if entry is not None]
+        known = [s for s in stamps if s is not None]
+        oldest = min(known) if known and len(known) == len(stamps) else None
+        return Backlog(sum(int(n) for n in replies[0::2]), oldest)
     from kombu.connection import Connection
 
     total = 0
@@ -259,4 +280,12 @@ def queued_messages(broker_url: str, queues: list[str], timeout_s: float = 2.0) 
                 total += int(channel.queue_declare(queue, passive=True).message_count)
             except Exception:  # not declared yet: nothing waits in it
                 channel = conn.channel()
-    return total
+    return Backlog(total, None)
+
+
+def _sent_at(entry: bytes) -> float | None:
+    try:
+        stamp = orjson.loads(entry)["headers"][SENT_AT_HEADER]
+    except Exception:  # not a message orderonce sent: when it was sent is unknown
+        return None
+    return float(stamp) if isinstance(stamp, int | float) else None

@@ -76,7 +76,9 @@ def add(
     ]
     if not rows:
         return 0
-    stmt = insert(outbox).values(sends=int(sent), due_at=func.now() + resend_after)
+    stmt = insert(outbox).values(
+        sends=int(sent), due_at=func.now() + resend_after, sent_at=func.now() if sent else None
+    )
     result = conn.execute(stmt.on_conflict_do_nothing(), rows)
     return result.rowcount
 
@@ -133,9 +135,9 @@ SELECT t.source, t.event_id, t.payload_hash, NULL, 'pruned'
 """
 # New events; ``due`` seconds before the relay looks at them (0: it sends them itself).
 ACCEPT_INSERT = """
-INSERT INTO outbox (body_sha256, source, event_id, body, content_hash, sends, due_at)
+INSERT INTO outbox (body_sha256, source, event_id, body, content_hash, sends, due_at, sent_at)
 SELECT v.body_sha256, v.source, v.event_id, v.body, v.content_hash, %(sends)s,
-       now() + make_interval(secs => %(due)s)
+       now() + make_interval(secs => %(due)s), CASE WHEN %(sends)s > 0 THEN now() END
   FROM unnest(%(body_sha256)s::text[], %(sources)s::text[], %(ids)s::text[],
               %(bodies)s::text[], %(content_hashes)s::text[])
        AS v(body_sha256, source, event_id, body, content_hash)

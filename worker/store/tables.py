@@ -243,6 +243,9 @@ outbox = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Sends so far (0: written by an upstream transaction, the relay sends it first).
     Column("sends", Integer, nullable=False, server_default="0"),
+    # When it was last sent (NULL: never, or before 0006): the relay does not send again what
+    # was sent after the oldest message still waiting on the broker (producers/relay.py).
+    Column("sent_at", DateTime(timezone=True)),
     # When the relay looks at the row next; pushed out on every send, with backoff.
     Column("due_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Set once the relay saw a terminal record (processed row, tombstone or dead letter).
