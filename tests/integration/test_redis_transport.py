@@ -144,3 +144,47 @@ def test_many_messages_per_round_trip_up_to_the_prefetch(servers: ServerUrls) ->
 def _calls(client: redis.Redis) -> int:
     stats: dict[str, dict[str, int]] = client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_redis_that_forgot_the_script_is_given_it_again(servers: ServerUrls) -> None:
+    """After a restart Redis has no scripts: the first EVALSHA answers NOSCRIPT, and the
+    channel loads the script and receives on."""
+    queue = "transport-noscript"
+    app = make_celery(servers.redis_url, Settings(queue=queue))
+    client = redis.Redis.from_url(servers.redis_url)
+    client.delete(queue)
+    try:
+        with app.connection_for_write() as conn, conn.SimpleQueue(queue) as simple:
+            simple.put({"n": 1}, serializer="json")
+            simple.put({"n": 2}, serializer="json")
+            client.script_flush()
+            got = [simple.get(timeout=10), simple.get(timeout=10)]
+            assert sorted(m.payload["n"] for m in got) == [1, 2]
+            for m in got:
+                m.ack()
+    finally:
+        client.delete(queue, "unacked", "unacked_index")
+        client.close()
+
+
+def test_global_keyprefix_applies_to_every_key(servers: ServerUrls) -> None:
+    queue = "transport-prefixed"
+    app = make_celery(servers.redis_url, Settings(queue=queue))
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "global_keyprefix": "tenant1:",
+    }
+    client = redis.Redis.from_url(servers.redis_url)
+    try:
+        with app.connection_for_write() as conn, conn.SimpleQueue(queue) as simple:
+            simple.put({"n": 1}, serializer="json")
+            assert client.llen(f"tenant1:{queue}") == 1
+            message = simple.get(timeout=10)
+            assert client.hlen("tenant1:unacked") == 1
+            assert client.zcard("tenant1:unacked_index") == 1
+            assert not client.exists("unacked")
+            message.ack()
+            assert client.hlen("tenant1:unacked") == 0
+    finally:
+        client.delete(f"tenant1:{queue}", "tenant1:unacked", "tenant1:unacked_index")
+        client.close()
