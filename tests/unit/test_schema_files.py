@@ -69,6 +69,22 @@ def test_schema_files_are_up_to_date() -> None:
     )
 
 
+def test_api_documents_are_up_to_date() -> None:
+    stale = generate.stale_api()
+    assert not stale, (
+        f"schemas/api is stale ({', '.join(stale)}): run `python -m schemas.generate` "
+        "and commit the result"
+    )
+
+
+def test_stale_api_sees_a_changed_or_missing_document(tmp_path: Path) -> None:
+    generate.write_api(tmp_path)
+    assert generate.stale_api(tmp_path) == []
+    (tmp_path / "openapi.json").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "asyncapi.json").unlink()
+    assert generate.stale_api(tmp_path) == ["asyncapi.json", "openapi.json"]
+
+
 def test_one_file_for_the_union_and_one_per_event_type() -> None:
     expected = {"cloudevent.schema.json"} | {type_file(t) for t in EVENT_TYPES}
     assert set(generate.render()) == expected
