@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     ingest_max_backlog: int = 100_000
     # Group commit: at most this many events per transaction, this many transactions at once.
     ingest_group_max_events: int = 500
-    ingest_writers: int = 2
+    ingest_writers: int = 4
 
     # Message authentication (schemas/signing.py). Producers sign with signing_key; workers
     # accept events signed with any of verify_keys (comma-separated: rotation), and, when any
