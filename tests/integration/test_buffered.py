@@ -174,7 +174,7 @@ def test_bad_messages_among_buffered_ones_are_dead_lettered_and_the_rest_apply(
         publisher.body(events.created(order, [("SKU-1", 1, "1.00")])).replace('"1.00"', "1")
     )  # float money
     headers = task_headers(settings)
-    publish_raw_message(  # not a task's (args, kwargs, embed): Celery's path dead-letters it
+    publish_raw_message(  # not a task's (args, kwargs, embed): refused before the buffer
         servers.redis_url, settings, '{"x": 1}', content_type="application/json", headers=headers
     )
     for e in good[4:]:
@@ -190,9 +190,9 @@ def test_bad_messages_among_buffered_ones_are_dead_lettered_and_the_rest_apply(
     )
     with db.connect() as conn:
         reasons = conn.execute(text("SELECT reason FROM dead_letters ORDER BY 1")).scalars().all()
-    # Two dead-lettered in the buffered batch's transaction, one by Celery's usual path (as in
-    # default mode: the reasons are the same).
-    assert reasons == ["bad_schema", "invalid_message", "malformed_json"]
+    # Two dead-lettered in the buffered batch's transaction, one refused before it reached the
+    # buffer (as in default mode: the reasons are the same).
+    assert reasons == ["bad_schema", "bad_task_arguments", "malformed_json"]
     assert scalar(db, "SELECT sum(on_hand) FROM inventory") == 2 * len(good)
     assert scalar(db, "SELECT count(*) FROM orders") == 0
     assert worker.alive()
