@@ -48,7 +48,8 @@ class Options:
     batch_events: int = 20000
     batch_size: int = 100
     batch_interval_s: float = 0.02
-    buffered: int = 100  # (b''): orderonce worker --buffered N; 0 leaves it out
+    prefork: bool = True  # (b''): orderonce worker --pool prefork, one event per transaction
+    trickle_events: int = 50  # (b)'s latency at a trickle of 10 events/s
     history_events: int = 20000  # applied (and ANALYZEd) before each orderonce measurement
 
 
@@ -76,9 +77,13 @@ def stash(queue: str) -> str:
 class CeleryWorker(WorkerProcess):
     """A plain ``celery worker`` for the baseline, started and stopped like orderonce's."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], log: Path, pool: str = "solo", concurrency: int = 1
+    ) -> None:
         self.name = name
         self.log = log
+        self.pool = pool
+        self.concurrency = concurrency
         self._out = log.open("ab")
         self._offset = self._out.tell()
         self.proc = subprocess.Popen(
@@ -89,8 +94,8 @@ class CeleryWorker(WorkerProcess):
                 "-A",
                 "bench.noop_app",
                 "worker",
-                "--pool=solo",
-                "--concurrency=1",
+                f"--pool={pool}",
+                f"--concurrency={concurrency}",
                 "--loglevel=INFO",
                 # As `orderonce worker` runs Celery.
                 "--without-gossip",
@@ -115,7 +120,8 @@ def _rss_kib(pid: int) -> int:
 
 
 class RssSampler(threading.Thread):
-    """The largest RSS of each worker's process tree (the process and its children)."""
+    """The largest RSS of any one process of each worker's process tree (the process and its
+    children: a prefork pool's, or the default pool's supervised consumers)."""
 
     def __init__(self, pids: list[int], interval: float = 0.2) -> None:
         super().__init__(daemon=True)
@@ -127,7 +133,7 @@ class RssSampler(threading.Thread):
     def _sample(self) -> None:
         by_parent = cpu.children()
         for pid in self._pids:
-            rss = sum(_rss_kib(p) for p in cpu.process_tree(pid, by_parent))
+            rss = max(_rss_kib(p) for p in cpu.process_tree(pid, by_parent))
             self.max_kib[pid] = max(self.max_kib[pid], rss)
 
     def run(self) -> None:

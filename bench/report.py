@@ -47,6 +47,13 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
                 "p99_ms": med("plain_celery", "latency", "p99_ms"),
                 "max_rss_mib": max(max(r["plain_celery"]["rss_mib"]) for r in at),
             },
+            "plain_celery_solo": {
+                "events_per_s": med("plain_celery_solo", "events_per_s"),
+                "events_per_s_range": spread("plain_celery_solo", "events_per_s"),
+                "p50_ms": med("plain_celery_solo", "latency", "p50_ms"),
+                "p99_ms": med("plain_celery_solo", "latency", "p99_ms"),
+                "max_rss_mib": max(max(r["plain_celery_solo"]["rss_mib"]) for r in at),
+            },
             "orderonce": {
                 "events_per_s": med("orderonce", "events_per_s"),
                 "events_per_s_range": spread("orderonce", "events_per_s"),
@@ -55,8 +62,6 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
                 "to_transaction_start_p50_ms": med(
                     "orderonce", "latency", "to_transaction_start", "p50_ms"
                 ),
-                "protocol_mean_ms": med("orderonce", "in_worker", "protocol_mean_ms"),
-                "task_mean_ms": med("orderonce", "in_worker", "task_mean_ms"),
                 "max_rss_mib": max(max(r["orderonce"]["rss_mib"]) for r in at),
             },
             "orderonce_batch": {
@@ -93,27 +98,36 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
                 "orderonce_batch": med("orderonce_batch", "redis_commands_per_event", "total"),
             },
             "b_over_a": median([r["b_over_a"] for r in at]),
+            "b_over_a_solo": median([r["b_over_a_solo"] for r in at]),
             "b_over_c": median([r["b_over_c"] for r in at]),
             "batch_over_a": median([r["batch_over_a"] for r in at]),
             "batch_over_c": median([r["batch_over_c"] for r in at]),
             "batch_over_batch_c": median([r["batch_over_batch_c"] for r in at]),
         }
-        if all("orderonce_buffered" in r for r in at):
+        summary[str(n)]["orderonce"] |= {
+            "trickle_p50_ms": med("orderonce", "trickle_latency", "p50_ms"),
+            "trickle_p99_ms": med("orderonce", "trickle_latency", "p99_ms"),
+            "offered_per_s": med("orderonce", "latency", "offered_per_s"),
+            "verify_ok": all(r["orderonce"]["verify_ok"] for r in at),
+        }
+        if all("orderonce_prefork" in r for r in at):
             summary[str(n)] |= {
-                "orderonce_buffered": {
-                    "events_per_s": med("orderonce_buffered", "events_per_s"),
-                    "events_per_s_range": spread("orderonce_buffered", "events_per_s"),
-                    "p50_ms": med("orderonce_buffered", "latency", "p50_ms"),
-                    "p99_ms": med("orderonce_buffered", "latency", "p99_ms"),
-                    "offered_per_s": med("orderonce_buffered", "latency", "offered_per_s"),
-                    "max_rss_mib": max(max(r["orderonce_buffered"]["rss_mib"]) for r in at),
-                    "verify_ok": all(r["orderonce_buffered"]["verify_ok"] for r in at),
+                "orderonce_prefork": {
+                    "events_per_s": med("orderonce_prefork", "events_per_s"),
+                    "events_per_s_range": spread("orderonce_prefork", "events_per_s"),
+                    "p50_ms": med("orderonce_prefork", "latency", "p50_ms"),
+                    "p99_ms": med("orderonce_prefork", "latency", "p99_ms"),
+                    "offered_per_s": med("orderonce_prefork", "latency", "offered_per_s"),
+                    "protocol_mean_ms": med("orderonce_prefork", "in_worker", "protocol_mean_ms"),
+                    "task_mean_ms": med("orderonce_prefork", "in_worker", "task_mean_ms"),
+                    "max_rss_mib": max(max(r["orderonce_prefork"]["rss_mib"]) for r in at),
+                    "verify_ok": all(r["orderonce_prefork"]["verify_ok"] for r in at),
                     "redis_commands_per_event": med(
-                        "orderonce_buffered", "redis_commands_per_event", "total"
+                        "orderonce_prefork", "redis_commands_per_event", "total"
                     ),
                 },
-                "buffered_over_a": median([r["buffered_over_a"] for r in at]),
-                "buffered_over_c": median([r["buffered_over_c"] for r in at]),
+                "prefork_over_a": median([r["prefork_over_a"] for r in at]),
+                "prefork_over_c": median([r["prefork_over_c"] for r in at]),
             }
     first = summary[str(workers[0])]
     summary["scaling"] = {
@@ -122,9 +136,10 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
         }
         for system, key in (
             ("plain_celery", "events_per_s"),
+            ("plain_celery_solo", "events_per_s"),
             ("orderonce", "events_per_s"),
             ("orderonce_batch", "events_per_s"),
-            ("orderonce_buffered", "events_per_s"),
+            ("orderonce_prefork", "events_per_s"),
             ("db_ceiling", "commits_per_s"),
             ("batch_db_ceiling", "events_per_s"),
         )
@@ -134,7 +149,7 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
 
 
 def verified(run: dict[str, Any]) -> bool:
-    modes = ("orderonce", "orderonce_batch", "orderonce_buffered")
+    modes = ("orderonce", "orderonce_batch", "orderonce_prefork")
     return all(run[m]["verify_ok"] for m in modes if m in run)
 
 
@@ -150,10 +165,11 @@ def print_results(results: dict[str, Any]) -> None:
         f"{'RSS MiB':>9}"
     )
     names = {
-        "plain_celery": "(a) plain Celery, no-op task",
-        "orderonce": "(b) orderonce, demo stream",
+        "plain_celery": "(a) plain Celery prefork, no-op task",
+        "plain_celery_solo": "(a') plain Celery, N solo processes",
+        "orderonce": "(b) orderonce worker (default)",
         "orderonce_batch": "(b') orderonce batch mode",
-        "orderonce_buffered": "(b'') buffered default mode",
+        "orderonce_prefork": "(b'') orderonce --pool prefork",
         "db_ceiling": "(c) database ceiling (commits/s)",
         "batch_db_ceiling": "(c') batch mode's database ceiling",
     }
@@ -172,14 +188,20 @@ def print_results(results: dict[str, Any]) -> None:
                 f"{rss}"
             )
         print(
-            f"  {'':7}  b/a {row['b_over_a']:.2f}   b/c {row['b_over_c']:.2f}"
+            f"  {'':7}  b/a {row['b_over_a']:.2f}   b/a' {row['b_over_a_solo']:.2f}"
+            f"   b/c {row['b_over_c']:.2f}"
             f"   b'/a {row['batch_over_a']:.2f}   b'/c {row['batch_over_c']:.2f}"
             + f"   b'/c' {row['batch_over_batch_c']:.2f}"
             + (
-                f"   b''/a {row['buffered_over_a']:.2f}   b''/c {row['buffered_over_c']:.2f}"
-                if "buffered_over_a" in row
+                f"   b''/a {row['prefork_over_a']:.2f}   b''/c {row['prefork_over_c']:.2f}"
+                if "prefork_over_a" in row
                 else ""
             )
+        )
+        b = row["orderonce"]
+        print(
+            f"  {'':7}  (b) at a trickle of 10 events/s: p50 {b['trickle_p50_ms']:.1f} ms,"
+            f" p99 {b['trickle_p99_ms']:.1f} ms"
         )
         split = row["batch_cpu_us_per_event"]
         if split["total"] is not None:
@@ -196,24 +218,26 @@ def print_results(results: dict[str, Any]) -> None:
         steps = ", ".join(f"{n}: {x:.2f}x" for n, x in scaling[system].items())
         print(f"  scaling {name.split(',')[0]}: {steps}")
     print(
-        "  latency: publish to work started (a) / committed (b), at a steady load of half (b)'s"
-        " drain rate, the same for (a); (c): one transaction. RSS: largest worker process."
+        "  latency: publish to work started (a) / committed (b), at a steady load of half each"
+        " one's own drain rate; (c): one transaction. RSS: largest single process."
     )
     print(
         f"  batch mode: {o['batch_events']} events per drain, {o['batch_size']} per message;"
         " its latency runs from each event's due time, batching wait included"
     )
-    print("\nper message, by workers:")
-    for n in o["workers"]:
-        row = summary[str(n)]
-        b = row["orderonce"]
-        print(
-            f"  {n}: every {1000 * n / row['plain_celery']['events_per_s']:.2f} ms per worker for"
-            f" (a), {1000 * n / b['events_per_s']:.2f} ms for (b): its task {b['task_mean_ms']:.2f}"
-            f" ms, the protocol in it {b['protocol_mean_ms']:.2f} ms; Redis commands (a)"
-            f" {row['redis_commands_per_event']['plain_celery']:.1f},"
-            f" (b) {row['redis_commands_per_event']['orderonce']:.1f}"
-        )
+    if all("orderonce_prefork" in summary[str(n)] for n in o["workers"]):
+        print("\nper message, by workers, one event per transaction:")
+        for n in o["workers"]:
+            row = summary[str(n)]
+            b = row["orderonce_prefork"]
+            print(
+                f"  {n}: every {1000 * n / row['plain_celery']['events_per_s']:.2f} ms per"
+                f" process for (a), {1000 * n / b['events_per_s']:.2f} ms for (b''): its task"
+                f" {b['task_mean_ms']:.2f} ms, the protocol in it {b['protocol_mean_ms']:.2f} ms;"
+                f" Redis commands (a) {row['redis_commands_per_event']['plain_celery']:.1f},"
+                f" (b) {row['redis_commands_per_event']['orderonce']:.1f},"
+                f" (b'') {b['redis_commands_per_event']:.1f}"
+            )
     alone = results["protocol_alone"]
     print(
         f"\nwhere the time goes: orderonce's protocol alone (protocol.process, no Celery, one"
@@ -285,35 +309,42 @@ def markdown_table(results: dict[str, Any]) -> str:
         f" {m['postgres']['server_version'].split()[0]} (fsync {m['postgres']['fsync']}),"
         f" Redis {m['redis_server']}, {m['servers']} servers. Medians of {o['runs']} runs;"
         f" events/s drain a pre-filled queue; p99 from publish to commit at half the drain"
-        f" rate. Raw results: `bench/results/{results['file']}`.",
+        f" rate; RSS: the largest single process. Raw results: `bench/results/{results['file']}`.",
         "",
-        "| workers | (a) Celery no-op | (b) one event per task | (b') batch | (b'') buffered"
-        " | (c) DB commits/s | (c') batch's DB ceiling | b/a | b'/a | b''/a | b'/c'"
-        " | p99 b / b' / b'' ms | RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workers | (a) Celery no-op, prefork | (a') Celery no-op, N solo"
+        " | (b) `orderonce worker` | (b') batch | (b'') `--pool prefork` | (c) DB commits/s"
+        " | (c') batch's DB ceiling | b/a | b/a' | b'/a | b''/a | b'/c' | p99 b / b' / b'' ms"
+        " | b at 10 events/s: p50 ms | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in o["workers"]:
         row = s[str(n)]
-        buffered = row.get("orderonce_buffered")
-        rss = max(row[k]["max_rss_mib"] for k in ("orderonce", "orderonce_batch") if k in row)
+        prefork = row.get("orderonce_prefork")
+        rss = max(
+            row[k]["max_rss_mib"]
+            for k in ("orderonce", "orderonce_batch", "orderonce_prefork")
+            if k in row
+        )
         p99 = " / ".join(
             _n(x)
             for x in (
                 row["orderonce"]["p99_ms"],
                 row["orderonce_batch"]["p99_ms"],
-                buffered["p99_ms"] if buffered else None,
+                prefork["p99_ms"] if prefork else None,
             )
         )
         lines.append(
             f"| {n} | {_n(row['plain_celery']['events_per_s'])}"
+            f" | {_n(row['plain_celery_solo']['events_per_s'])}"
             f" | {_n(row['orderonce']['events_per_s'])}"
             f" | {_n(row['orderonce_batch']['events_per_s'])}"
-            f" | {_n(buffered['events_per_s'] if buffered else None)}"
+            f" | {_n(prefork['events_per_s'] if prefork else None)}"
             f" | {_n(row['db_ceiling']['commits_per_s'])}"
             f" | {_n(row['batch_db_ceiling']['events_per_s'])}"
-            f" | {row['b_over_a']:.2f} | {row['batch_over_a']:.2f}"
-            f" | {row.get('buffered_over_a', float('nan')):.2f}"
-            f" | {row['batch_over_batch_c']:.2f} | {p99} | {rss:.0f} |"
+            f" | {row['b_over_a']:.2f} | {row['b_over_a_solo']:.2f} | {row['batch_over_a']:.2f}"
+            f" | {row.get('prefork_over_a', float('nan')):.2f}"
+            f" | {row['batch_over_batch_c']:.2f} | {p99}"
+            f" | {row['orderonce']['trickle_p50_ms']:.1f} | {rss:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

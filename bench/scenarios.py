@@ -1,7 +1,7 @@
-"""The systems ``bench.throughput`` measures, one function each: (a) plain Celery, (b) orderonce
-one event per message (and (b'') buffered), (b') batch mode, (c) the database's ceiling for
-orderonce's transaction, and orderonce's protocol alone (where the time goes). (c') is
-``bench.batch_ceiling``."""
+"""The systems ``bench.throughput`` measures, one function each: (a) plain Celery, (b)
+orderonce's default worker (and (b'') its prefork pool, one event per transaction), (b') batch
+mode, (c) the database's ceiling for orderonce's transaction, and orderonce's protocol alone
+(where the time goes). (c') is ``bench.batch_ceiling``."""
 
 from __future__ import annotations
 
@@ -52,8 +52,11 @@ from worker.store.db import libpq_url, make_engine
 
 
 def plain_celery(
-    n: int, redis_url: str, events: int, rate: float, latency_seconds: float, logs: Path
+    n: int, redis_url: str, events: int, latency_seconds: float, logs: Path, pool: str = "prefork"
 ) -> dict[str, Any]:
+    """(a) a no-op Celery task, as a user starts Celery: one worker with a prefork pool of n
+    processes; with ``pool`` "solo", (a'): n single-process workers. Latency at half its own
+    drain rate."""
     r = redis.Redis.from_url(redis_url)
     queue, drain_key, paced_key = noop_app.QUEUE, "bench:noop:drain", "bench:noop:paced"
     r.delete(queue, stash(queue), drain_key, paced_key)
@@ -66,9 +69,11 @@ def plain_celery(
         send(drain_key)
     r.rename(queue, stash(queue))
     env = worker_env(**{noop_app.BROKER_ENV: redis_url})
-    workers: list[WorkerProcess] = [
-        CeleryWorker(f"noop{i}", env, logs / f"noop-{n}-{i}.log") for i in range(n)
-    ]
+    workers: list[WorkerProcess] = (
+        [CeleryWorker("noop", env, logs / f"noop-{n}.log", pool="prefork", concurrency=n)]
+        if pool == "prefork"
+        else [CeleryWorker(f"noop{i}", env, logs / f"noop-{n}-{i}.log") for i in range(n)]
+    )
     with running(workers) as sampler:
         polls = 0
 
@@ -85,6 +90,7 @@ def plain_celery(
         after = redis_calls(r)
         after["llen"] = after.get("llen", 0) - polls  # ours, not Celery's
 
+        rate = 0.5 * events / seconds
         paced = max(50, round(rate * latency_seconds))
         send_paced(paced, rate, lambda _: send(paced_key))
         wait_until(lambda: r.llen(paced_key) >= paced, 60, "the paced no-op tasks", 0.01)
@@ -110,11 +116,12 @@ def orderonce_stream(
     opts: Options,
     seed: int,
     logs: Path,
-    buffered: int = 0,
+    pool: str = "buffered",
 ) -> dict[str, Any]:
-    """(b) orderonce in default mode, one message per event; with ``buffered`` > 0, (b''):
-    the same messages consumed by ``orderonce worker --buffered N``
-    (worker/messaging/buffered.py)."""
+    """(b) ``orderonce worker --concurrency N`` as a user starts it, no other flag (the
+    buffered pool, worker/messaging/buffered.py), one message per event; with ``pool``
+    "prefork", (b''): the same messages consumed by ``--pool prefork``, one event per
+    transaction."""
     r = redis.Redis.from_url(redis_url)
     r.delete(QUEUE, stash(QUEUE))
     defaults = Settings(queue=QUEUE)
@@ -131,11 +138,7 @@ def orderonce_stream(
         ORDERONCE_BROKER_URL=redis_url,
         ORDERONCE_QUEUE=QUEUE,
     )
-    args = ["--buffered", str(buffered)] if buffered else []
-    kind = f"buffered{buffered}" if buffered else "orderonce"
-    workers = [
-        WorkerProcess(f"oo{i}", env, logs / f"{kind}-{n}-{i}.log", args=args) for i in range(n)
-    ]
+    workers = [WorkerProcess("oo", env, logs / f"{pool}-{n}.log", pool=pool, concurrency=n)]
     with running(workers) as sampler:
         for p in drain.restocks:
             publisher.publish_raw(p.body)
@@ -169,6 +172,24 @@ def orderonce_stream(
             send_paced(count, rate, send)
             target = len(paced.restocks) + count
             wait_until(lambda: handled(engine, paced) >= target, 120, "the paced events", 0.05)
+        # A trickle: 10 events/s, each alone on the broker when it arrives.
+        trickle = demo_stream(f"T{tag}", opts.trickle_events, seed)
+        for p in trickle.restocks:
+            publisher.publish_raw(p.body)
+        wait_until(
+            lambda: handled(engine, trickle) >= len(trickle.restocks), 60, "the restocks", 0.05
+        )
+        trickled: dict[tuple[str, str], float] = {}
+
+        def send_trickle(i: int) -> None:
+            p = trickle.publications[i]
+            trickled.setdefault(p.key, time.time())
+            publisher.publish_raw(restamped(p.body, trickled[p.key]))
+
+        with CommitListener(database_url) as trickle_commits:
+            send_paced(opts.trickle_events, 10.0, send_trickle)
+            target = len(trickle.restocks) + opts.trickle_events
+            wait_until(lambda: handled(engine, trickle) >= target, 60, "the trickle", 0.05)
         rss = sampler.finish()
     with engine.connect() as conn:
         rows = conn.execute(
@@ -183,6 +204,9 @@ def orderonce_stream(
     in_worker = task_times([w.text() for w in workers])
     to_start = [float(at) - published[(s, e)] for s, e, at in rows if (s, e) in published]
     to_commit = [at - published[key] for key, at in commits.seen.items() if key in published]
+    trickle_to_commit = [
+        at - trickled[key] for key, at in trickle_commits.seen.items() if key in trickled
+    ]
     counts = count_run(engine, drain)
     publisher.close()
     engine.dispose()
@@ -202,6 +226,12 @@ def orderonce_stream(
             **quantiles(to_commit),
             "with_commit_time": len(to_commit),
             "to_transaction_start": quantiles(to_start),
+        },
+        "trickle_latency": {
+            "offered_per_s": 10.0,
+            "events": opts.trickle_events,
+            **quantiles(trickle_to_commit),
+            "with_commit_time": len(trickle_to_commit),
         },
         "redis_commands_per_event": redis_per_event,
         "in_worker": in_worker,

@@ -1,15 +1,19 @@
 """Throughput of orderonce beside plain Celery and beside the database's own ceiling.
 
 In one run, on one machine, one broker and one set of Celery settings, at 1, 2 and 4 worker
-processes (``--pool solo``, one process each), and ``--runs`` times:
+processes, and ``--runs`` times:
 
-* (a) plain Celery: a no-op task (``bench/noop_app.py``) on a Celery app made by
-  ``worker.messaging.broker.make_celery`` (JSON, late acks, prefetch 1), on a queue of its own;
-* (b) orderonce in its default mode (default settings, one event per task): the demo's event
-  stream (``orderonce.dev.demo_stream.build_stream``: orders with payments, shipments,
-  cancellations, refunds, one event in ten published twice, checkout retries, double clicks),
-  stock restocked first; every event applied exactly once, checked with ``orderonce verify``'s
-  checks afterwards;
+* (a) plain Celery as a user starts it: a no-op task (``bench/noop_app.py``) on a Celery app
+  made by ``worker.messaging.broker.make_celery`` (JSON, late acks, prefetch 1), on a queue of
+  its own, one ``celery worker --pool prefork --concurrency N``; (a') the same task on N
+  single-process workers (``--pool solo``), Celery's faster way on this machine;
+* (b) orderonce as a user starts it, ``orderonce worker --concurrency N`` and no other flag
+  (the buffered pool: N supervised consumer processes, worker/messaging/supervisor.py), one
+  message per event: the demo's event stream (``orderonce.dev.demo_stream.build_stream``:
+  orders with payments, shipments, cancellations, refunds, one event in ten published twice,
+  checkout retries, double clicks), stock restocked first; every event applied exactly once,
+  checked with ``orderonce verify``'s checks afterwards; and its latency at a trickle of 10
+  events/s; (b'') the same with ``--pool prefork``: one event per transaction;
 * (b') orderonce in batch mode: the same kind of stream (``--batch-events`` of it, so that a
   drain lasts long enough to time), ``--batch-size`` events per message, in stream order; its
   latency runs from each event's due time to its commit, with a producer that sends what came
@@ -28,13 +32,13 @@ processes (``--pool solo``, one process each), and ``--runs`` times:
 Events/s is a drain: the queue is filled first and put aside (Redis RENAME), the workers are
 started and ready, and the clock runs from handing the queue back (RENAME again) until the last
 message has its outcome, so worker start-up is not counted; copies count as messages. Latency
-is measured separately, at a steady offered load (half orderonce's drain rate at that worker
-count, the same rate for plain Celery), from the moment a message is published: to the no-op
+is measured separately, at a steady offered load (half each system's own drain rate at that
+worker count), from the moment a message is published: to the no-op
 task's first line for (a), to the commit of the event's transaction for (b) (an orderonce
 event's ``time`` is set to its publish moment; the commit is seen through LISTEN/NOTIFY on a
 trigger added to the benchmark's database for that phase only; the JSON also has the time to
 ``processed_messages.processed_at``, the transaction's start). Worker RSS is the largest VmRSS
-of each worker's process tree, sampled every 0.2 s.
+of any one process of each worker's process tree, sampled every 0.2 s.
 
 Where the time goes: Redis commands per message during the drains (INFO commandstats), the mean
 time of orderonce's task and of the protocol inside it (from the workers' JSON logs), and the
@@ -86,8 +90,9 @@ def _one_run(
     """Run ``k`` at ``n`` workers: every system, each orderonce mode on its own database."""
     with database_with_history(server_url, redis_url, opts.history_events) as database_url:
         b = scenarios.orderonce_stream(n, redis_url, database_url, opts, k, logs)
-        a = scenarios.plain_celery(
-            n, redis_url, opts.events, b["latency"]["offered_per_s"], opts.latency_seconds, logs
+        a = scenarios.plain_celery(n, redis_url, opts.events, opts.latency_seconds, logs)
+        a_solo = scenarios.plain_celery(
+            n, redis_url, opts.events, opts.latency_seconds, logs, pool="solo"
         )
         c = scenarios.db_ceiling(n, database_url, opts.ceiling_seconds)
     with database_with_history(server_url, redis_url, opts.history_events) as database_url:
@@ -97,25 +102,27 @@ def _one_run(
         "run": k,
         "workers": n,
         "plain_celery": a,
+        "plain_celery_solo": a_solo,
         "orderonce": b,
         "db_ceiling": c,
         "orderonce_batch": batch,
         "batch_db_ceiling": batch_c,
         "b_over_a": round(b["events_per_s"] / a["events_per_s"], 3),
+        "b_over_a_solo": round(b["events_per_s"] / a_solo["events_per_s"], 3),
         "b_over_c": round(b["events_per_s"] / c["commits_per_s"], 3),
         "batch_over_a": round(batch["events_per_s"] / a["events_per_s"], 3),
         "batch_over_c": round(batch["events_per_s"] / c["commits_per_s"], 3),
         "batch_over_batch_c": round(batch["events_per_s"] / batch_c["events_per_s"], 3),
     }
-    if opts.buffered:
+    if opts.prefork:
         with database_with_history(server_url, redis_url, opts.history_events) as database_url:
-            bb = scenarios.orderonce_stream(
-                n, redis_url, database_url, opts, k, logs, buffered=opts.buffered
+            bp = scenarios.orderonce_stream(
+                n, redis_url, database_url, opts, k, logs, pool="prefork"
             )
         run |= {
-            "orderonce_buffered": bb,
-            "buffered_over_a": round(bb["events_per_s"] / a["events_per_s"], 3),
-            "buffered_over_c": round(bb["events_per_s"] / c["commits_per_s"], 3),
+            "orderonce_prefork": bp,
+            "prefork_over_a": round(bp["events_per_s"] / a["events_per_s"], 3),
+            "prefork_over_c": round(bp["events_per_s"] / c["commits_per_s"], 3),
         }
     return run
 
@@ -167,14 +174,15 @@ def run(opts: Options) -> dict[str, Any]:
                     r = runs[-1]
                     print(
                         f"run {k}/{opts.runs}, {n} worker(s): plain Celery"
-                        f" {r['plain_celery']['events_per_s']:.0f}/s, orderonce"
+                        f" {r['plain_celery']['events_per_s']:.0f}/s (solo processes"
+                        f" {r['plain_celery_solo']['events_per_s']:.0f}/s), orderonce"
                         f" {r['orderonce']['events_per_s']:.0f}/s, database"
                         f" {r['db_ceiling']['commits_per_s']:.0f} commits/s, batch mode"
                         f" {r['orderonce_batch']['events_per_s']:.0f}/s, its database ceiling"
                         f" {r['batch_db_ceiling']['events_per_s']:.0f}/s"
                         + (
-                            f", buffered {r['orderonce_buffered']['events_per_s']:.0f}/s"
-                            if "orderonce_buffered" in r
+                            f", --pool prefork {r['orderonce_prefork']['events_per_s']:.0f}/s"
+                            if "orderonce_prefork" in r
                             else ""
                         )
                         + f" (verify ok: {report.verified(r)})  [{time.monotonic() - begun:.0f} s]",
@@ -193,26 +201,31 @@ def run(opts: Options) -> dict[str, Any]:
             "workers": list(opts.workers),
             "latency_seconds": opts.latency_seconds,
             "ceiling_seconds": opts.ceiling_seconds,
-            "pool": "solo, one process per worker",
+            "pool": "(a) celery --pool prefork --concurrency N; (b) orderonce worker"
+            " --concurrency N; (b'') orderonce worker --pool prefork --concurrency N; (b')"
+            " N orderonce worker --pool solo",
             "batch_events": opts.batch_events,
             "batch_size": opts.batch_size,
             "batch_interval_s": opts.batch_interval_s,
-            "buffered": opts.buffered,
+            "prefork": opts.prefork,
+            "trickle_events": opts.trickle_events,
             "history_events": opts.history_events,
         },
         "definitions": {
             "events_per_s": "messages per second while draining a pre-filled queue (copies"
             " included), from handing the queue to ready workers to the last outcome",
-            "latency": "at a steady offered load (half (b)'s drain rate, same for (a)): publish"
+            "latency": "at a steady offered load (half the system's own drain rate): publish"
             " to task start for (a), publish to commit for (b) (LISTEN/NOTIFY on a trigger);"
             " to_transaction_start: to processed_messages.processed_at",
             "orderonce_batch": "batch mode: the same kind of stream, batch_size events per"
             " message; latency from each event's due time (the producer sends what came due"
             " every batch_interval_s) to its commit",
-            "orderonce_buffered": "(b'') the same stream and messages as (b), consumed by"
-            " `orderonce worker --buffered N`: up to N messages (or what arrived within"
-            " buffered_wait_ms) per batch-protocol transaction; latency as (b), at half its own"
-            " drain rate",
+            "orderonce": "(b) `orderonce worker --concurrency N` with no other flag (the"
+            " buffered pool: N supervised consumer processes, up to 100 messages per"
+            " batch-protocol transaction); trickle_latency: publish to commit at 10 events/s",
+            "orderonce_prefork": "(b'') the same stream and messages as (b), consumed by"
+            " `orderonce worker --pool prefork --concurrency N`: one event per transaction;"
+            " latency as (b), at half its own drain rate",
             "db_ceiling": "N psycopg processes running orderonce's transaction shape with no"
             " Celery, Redis or parsing: commits/s, and the time of one transaction",
             "batch_db_ceiling": "(c') batch mode's own statements (recorded from the batch"
@@ -222,7 +235,8 @@ def run(opts: Options) -> dict[str, Any]:
             "cpu_us_per_event": "batch mode's drain: CPU time per event of the workers' process"
             " trees, the PostgreSQL server (postmaster, children, reaped children) and Redis"
             " (INFO cpu), from /proc; None where a server's processes are not readable here",
-            "rss_mib": "largest VmRSS of each worker's process tree, sampled every 0.2 s",
+            "rss_mib": "largest VmRSS of any one process of each worker's process tree,"
+            " sampled every 0.2 s",
             "redis_commands_per_event": "INFO commandstats during the drain, per message;"
             " MULTI/EXEC and the commands a script runs are counted as commands",
         },
@@ -268,10 +282,15 @@ def main() -> None:
         help="batch mode's latency phase: the producer sends what came due this often",
     )
     parser.add_argument(
-        "--buffered",
+        "--no-prefork",
+        action="store_true",
+        help="leave out (b''): the same stream consumed with orderonce worker --pool prefork",
+    )
+    parser.add_argument(
+        "--trickle-events",
         type=int,
-        default=Options.buffered,
-        help="(b''): the default-mode stream consumed with orderonce worker --buffered N (0: off)",
+        default=Options.trickle_events,
+        help="(b)'s latency at 10 events/s: how many events",
     )
     parser.add_argument(
         "--history-events",
@@ -292,7 +311,8 @@ def main() -> None:
         args.batch_events,
         args.batch_size,
         args.batch_interval_ms / 1000,
-        args.buffered,
+        not args.no_prefork,
+        args.trickle_events,
         args.history_events,
     )
     # A Ctrl-C should still stop the workers and drop the database: make SIGTERM one too.

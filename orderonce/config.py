@@ -75,14 +75,18 @@ class Settings(BaseSettings):
     # 80 ms apart); buffered mode at once, then in the worker's next batches, so that the
     # worker does not sleep while the rest of its buffer waits.
     batch_too_early_retries: int = 5
-    # Buffered consumption (worker/messaging/buffered.py), off at 0: a worker (``--pool solo``)
-    # takes up to this many single-event messages at a time (its prefetch), or what arrived while it
-    # waited after the first, and applies them with the batch protocol in one transaction,
-    # acking each message after the commit. The wait is as long as the previous buffered
-    # transaction took (group commit: the slower the commits, the more each one carries), at
-    # least buffered_wait_ms and at most buffered_max_wait_ms.
+    # Buffered consumption (worker/messaging/buffered.py): a worker process (the default pool,
+    # or ``--pool solo``) takes up to this many single-event messages at a time (its prefetch)
+    # and applies them with the batch protocol in one transaction, acking each message after
+    # the commit. 0 here: the buffered pool's own default (orderonce.cli.run.DEFAULT_BUFFER),
+    # and no buffer for ``--pool solo``. With buffered_wait_ms 0 (the default) the buffer is
+    # applied as soon as the broker has nothing more to give right now (the messages of one
+    # receive), so a lone event waits for nothing; under load each receive brings what queued up
+    # during the previous transaction. With buffered_wait_ms > 0 it waits after the first
+    # message as long as the previous transaction took (group commit), at least
+    # buffered_wait_ms and at most buffered_max_wait_ms.
     buffered: int = 0
-    buffered_wait_ms: float = 5.0
+    buffered_wait_ms: float = 0.0
     buffered_max_wait_ms: float = 50.0
 
     # The relay sends outbox rows that have no terminal record this long after their last

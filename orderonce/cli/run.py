@@ -10,10 +10,22 @@ import typer
 
 from orderonce.cli.common import JsonFlag, console, engine, print_json, urls
 
+POOLS = ("buffered", "prefork", "solo")
+DEFAULT_BUFFER = 100  # events per transaction in the buffered pool, unless told otherwise
+
 
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
-    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker processes (default: one per core).", min=1)
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="buffered: one buffered consumer process per --concurrency, supervised "
+            "(many events per transaction); prefork or solo: Celery's pools, one event per "
+            "transaction."
+        ),
+    ] = "buffered",
     name: Annotated[str | None, typer.Option(help="Worker node name.")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     metrics_port: Annotated[
@@ -30,45 +42,48 @@ def worker(
     buffered: Annotated[
         int | None,
         typer.Option(
-            help="Buffered mode: apply up to N single-event messages per transaction "
-            "(needs --pool solo; default: ORDERONCE_BUFFERED, 0 = off).",
+            help="Events per transaction at most: the buffered pool's buffer size (default: "
+            f"ORDERONCE_BUFFERED, else {DEFAULT_BUFFER}); with --pool solo, buffers that one "
+            "process.",
             min=0,
         ),
     ] = None,
 ) -> None:
-    """Run a Celery worker that applies events exactly once."""
+    """Run the workers that apply events exactly once."""
     import os
 
     from orderonce import logs
     from orderonce.config import settings
 
-    if buffered is not None:
-        # Before the Celery app is built: its prefetch is the buffer's size.
-        os.environ["ORDERONCE_BUFFERED"] = str(buffered)
-        settings.cache_clear()
-    if settings().buffered and (pool != "solo" or concurrency != 1):
-        console.print(
-            "[red]buffered mode applies events in the consumer's own process:[/] "
-            "run it with --pool solo --concurrency 1 (one worker process per core)"
-        )
+    if pool not in POOLS:
+        console.print(f"[red]--pool must be one of {', '.join(POOLS)}[/]")
         raise typer.Exit(2)
     queue = _worker_queue(shard)
     if queue is not None:
         # One order's events in sequence: one message at a time, in one process.
         pool, concurrency = "solo", 1
+    concurrency = concurrency or os.cpu_count() or 1
     logs.configure(loglevel)
     servers = urls()
-    if metrics_port:
-        from worker.ops import metrics
+    if pool == "buffered":
+        size = buffered or settings().buffered or DEFAULT_BUFFER
+        _use_buffer(size)  # refused here, not by each consumer it would start
+        _supervise(concurrency, size, name, loglevel, metrics_port, servers.database_url)
+        return
+    if buffered is not None:
+        # Before the Celery app is built: its prefetch is the buffer's size.
+        _use_buffer(buffered)
+    if settings().buffered and (pool != "solo" or concurrency != 1):
+        console.print(
+            "[red]buffered mode applies events in the consumer's own process:[/] "
+            "run it with --pool buffered (the default), or --pool solo --concurrency 1"
+        )
+        raise typer.Exit(2)
+    from worker.messaging.supervisor import follow_supervisor
 
-        # Before the app is built and the pool forks: every process must find the
-        # multiprocess directory in its environment before it first touches prometheus_client.
-        metrics.setup_multiprocess_dir()
-        try:
-            metrics.serve(metrics_port, servers.database_url)
-        except OSError as exc:
-            console.print(f"[red]cannot serve metrics on port {metrics_port}:[/] {exc}")
-            raise typer.Exit(1) from None
+    follow_supervisor()
+    if metrics_port:
+        _serve_metrics(metrics_port, servers.database_url)
     from worker.messaging.app import create_app
 
     argv = [
@@ -85,6 +100,70 @@ def worker(
     if queue is not None:
         argv.append(f"--queues={queue}")
     create_app(settings(), servers).worker_main(argv)
+
+
+def _use_buffer(size: int) -> None:
+    """This process's (and its children's) buffer size, checked like every setting at start."""
+    import os
+
+    from pydantic import ValidationError
+
+    from orderonce.config import settings
+    from orderonce.errors import UnsafeSettings
+
+    os.environ["ORDERONCE_BUFFERED"] = str(size)
+    settings.cache_clear()
+    try:
+        settings()
+    except (UnsafeSettings, ValidationError) as exc:
+        console.print(f"[red]refusing to start:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _serve_metrics(port: int, database_url: str) -> None:
+    from worker.ops import metrics
+
+    # Before the app is built and the pool forks (or the supervisor starts its children):
+    # every process must find the multiprocess directory in its environment before it first
+    # touches prometheus_client.
+    metrics.setup_multiprocess_dir()
+    try:
+        metrics.serve(port, database_url)
+    except OSError as exc:
+        console.print(f"[red]cannot serve metrics on port {port}:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _supervise(
+    concurrency: int,
+    size: int,
+    name: str | None,
+    loglevel: str,
+    metrics_port: int,
+    database_url: str,
+) -> None:
+    """The buffered pool: ``concurrency`` single-process buffered workers, supervised."""
+    from worker.messaging.supervisor import Supervisor
+    from worker.ops import metrics
+
+    if metrics_port:
+        _serve_metrics(metrics_port, database_url)
+    base, _, host = (name or "orderonce@%h").partition("@")
+    argvs = [
+        [
+            sys.executable,
+            "-m",
+            "orderonce",
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--buffered={size}",
+            f"--loglevel={loglevel}",
+            f"--name={base}-{i}@{host or '%h'}",
+        ]
+        for i in range(concurrency)
+    ]
+    raise typer.Exit(Supervisor(argvs, on_exit=metrics.process_exited).run())
 
 
 def _worker_queue(shard: int | None) -> str | None:

@@ -135,6 +135,17 @@ class WorkerProcess(OrderonceProcess):
         argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--name={name}@%h"]
         super().__init__(name, env, log, [*argv, *args], entry)
 
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Ready once every consumer process is (the buffered pool starts ``concurrency``)."""
+        wanted = self.concurrency if self.pool == "buffered" else 1
+        wait_until(
+            lambda: self.text().count(self.ready_marker) >= wanted or not self.alive(),
+            timeout,
+            f"{self.name} to start",
+        )
+        if not self.alive():
+            raise WorkerDidNotStart(f"{self.name} exited at start:\n{self.text()[-3000:]}")
+
     def restarted(self) -> WorkerProcess:
         """A new worker with the same name, settings and log (after this one died)."""
         return WorkerProcess(
@@ -142,7 +153,7 @@ class WorkerProcess(OrderonceProcess):
         )
 
     def children(self) -> list[int]:
-        """Pids of the pool processes (prefork), read from /proc."""
+        """Pids of the pool processes (prefork) or consumer processes (buffered), from /proc."""
         found = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, IndexError, ValueError):

@@ -238,3 +238,29 @@ def test_a_lost_connection_drops_the_buffer_unapplied(batch: dict[str, Any]) -> 
 class _Timer:
     def cancel(self) -> None:
         pass
+
+
+def test_with_no_wait_a_receive_is_applied_as_soon_as_it_is_all_offered(
+    batch: dict[str, Any],
+) -> None:
+    # The default (buffered_wait_ms 0): no timer longer than the current loop turn, so a lone
+    # event waits for nothing, and what one receive brought goes in one transaction.
+    loop = _Loop()
+    singles: list[FakeMessage] = []
+    buf = buffered.Buffer(10, 0.0, 0.05, singles.append, _APPLY["apply"], loop.call_later)
+    msgs = [FakeMessage(f"e{i}") for i in range(3)]
+    batch["result"] = ([Outcome("applied")] * 3, [])
+    for m in msgs:
+        buf.offer(m)
+    assert [delay for delay, _ in loop.timers] == [0.0]  # one timer, for the turn's end
+    assert batch["calls"] == []
+    loop.fire()
+    assert [ids for _, ids in batch["calls"]] == [["id-e0", "id-e1", "id-e2"]]
+    assert [m.fate for m in msgs] == ["acked"] * 3 and singles == []
+    # Nor after a transaction that took time (group commit would wait as long again).
+    later = FakeMessage("e3")
+    batch["result"] = ([Outcome("applied")], [])
+    buf.offer(later)
+    assert [delay for delay, _ in loop.timers] == [0.0]
+    loop.fire()
+    assert later.fate == "acked"

@@ -1,12 +1,15 @@
-"""Buffered consumption (opt-in, ``orderonce worker --pool solo --buffered N``): many
-single-event messages, one transaction.
+"""Buffered consumption (the default pool of ``orderonce worker``, each of its processes an
+``orderonce worker --pool solo --buffered N``): many single-event messages, one transaction.
 
-Default mode runs one Celery task, with one durable commit, per message. Here the worker's
-consumer reserves up to N messages (its prefetch), keeps the plain ones in a buffer, and when N
-are there, or some time after the first arrived (as long as the previous batch took, between
-``buffered_wait_ms`` and ``buffered_max_wait_ms``), applies them together with the batch
-protocol (``worker.protocol.batch.apply_with_quick_tries``, given by the consumer): one pipelined
-Redis round trip to lock, one transaction, one to unlock. Producers do not change.
+Celery's pools (``--pool prefork|solo``) run one task, with one durable commit, per message.
+Here the worker's consumer reserves up to N messages (its prefetch), keeps the plain ones in a
+buffer, and applies them together when N are there or when the receive that brought them has
+handed all of them over (so a lone message waits for nothing, and under load each transaction
+carries what queued up during the previous one; with ``buffered_wait_ms`` > 0, some time after
+the first arrived instead: as long as the previous batch took, between ``buffered_wait_ms`` and
+``buffered_max_wait_ms``), with the batch protocol
+(``worker.protocol.batch.apply_with_quick_tries``, given by the consumer): one pipelined Redis
+round trip to lock, one transaction, one to unlock. Producers do not change.
 
 Guarantee: that of the batch protocol, per event, and the message rule of default mode:
 
@@ -106,9 +109,9 @@ def plain_event(message: Any) -> Buffered | None:
 
 
 class Buffer:
-    """Up to ``size`` plain messages; applied together when full or some time after the first:
-    as long as the previous batch took (group commit), at least ``wait_s``, at most
-    ``max_wait_s``.
+    """Up to ``size`` plain messages; applied together when full, or once the current receive
+    has handed over all its messages (``wait_s`` 0), or some time after the first: as long as
+    the previous batch took (group commit), at least ``wait_s``, at most ``max_wait_s``.
 
     ``single`` hands one message to Celery's usual handling (the default mode's task);
     ``apply(bodies, message_ids=..., quick_tries=...)`` runs the batch protocol on them;
@@ -159,7 +162,9 @@ class Buffer:
 
     def _schedule(self) -> None:
         if self._timer is None and self._items and self._call_later is not None:
-            wait = min(max(self.wait_s, self._last_s), self.max_wait_s)
+            # No wait asked for: apply what this receive brought, once it is all offered (the
+            # transport hands a receive's messages over in one go, before timers run).
+            wait = self.wait_s and min(max(self.wait_s, self._last_s), self.max_wait_s)
             self._timer = self._call_later(wait, self._on_timer)
 
     def _on_timer(self) -> None:

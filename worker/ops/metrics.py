@@ -385,9 +385,15 @@ def install_celery_hooks() -> None:
 
 
 def _on_child_exit(pid: int | None = None, **_: Any) -> None:
+    process_exited(pid or os.getpid())
+
+
+def process_exited(pid: int) -> None:
+    """Drop a finished process's live-gauge files (multiprocess mode); harmless with metrics
+    off."""
     if not enabled():
         return
     with contextlib.suppress(Exception):
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

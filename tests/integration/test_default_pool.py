@@ -1,0 +1,85 @@
+"""The worker a user starts (``orderonce worker``, no flags): buffered consumer processes,
+one per --concurrency, under a supervisor (worker/messaging/supervisor.py). Killed consumers
+are replaced and their messages applied once; a killed supervisor leaves no consumer behind; a
+warm shutdown stops them all cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import redis
+from sqlalchemy import Engine
+
+from producers import Publisher
+from tests import events
+from tests.db import assert_verified, scalar
+from tests.servers import ServerUrls
+from tests.workers import WorkerFactory, wait_until
+
+READY = " ready."
+
+
+def test_the_default_worker_replaces_a_killed_consumer_and_applies_everything_once(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, servers: ServerUrls
+) -> None:
+    worker = workers.start(pool="buffered", concurrency=2)
+    consumers = worker.children()
+    assert len(consumers) == 2
+    first = [events.restock(f"SKU-{i % 5}", 1) for i in range(300)]
+    for e in first[:150]:
+        publisher.publish(e)
+    os.kill(consumers[0], signal.SIGKILL)  # whatever it holds comes back through the broker
+    for e in first[150:]:
+        publisher.publish(e)
+    wait_until(lambda: worker.text().count(READY) == 3, 30, "a new consumer in its place")
+    assert len(worker.children()) == 2 and consumers[0] not in worker.children()
+    # Kombu's Redis restore gives a dead consumer's unacked messages back after the visibility
+    # timeout; the test settings keep it short.
+    wait_until(
+        lambda: scalar(db, "SELECT count(*) FROM processed_messages") == len(first),
+        60,
+        "every event applied",
+    )
+    assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(first)
+    assert scalar(db, "SELECT count(*) FROM dead_letters") == 0
+    assert "batch of " in worker.text()  # applied in buffered transactions
+    worker.terminate()
+    assert worker.proc.returncode == 0
+    assert worker.children() == []
+    broker = redis.Redis.from_url(servers.redis_url)
+    try:
+        assert broker.hlen("unacked") == 0
+    finally:
+        broker.close()
+    assert_verified(db)
+
+
+def test_a_killed_supervisor_leaves_no_consumer_behind(workers: WorkerFactory) -> None:
+    worker = workers.start(pool="buffered", concurrency=2)
+    consumers = worker.children()
+    assert len(consumers) == 2
+    worker.signal_main(signal.SIGKILL)
+    worker.proc.wait(timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_until(lambda: all(gone(p) for p in consumers), 30, "the consumers to exit")
+
+
+def test_settings_a_consumer_would_refuse_stop_the_pool_before_it_starts(
+    workers: WorkerFactory,
+) -> None:
+    worker = workers.start(
+        pool="buffered", concurrency=2, ready=False, args=["--buffered", "100000"]
+    )
+    wait_until(lambda: not worker.alive(), 30, "the worker to stop")
+    assert worker.proc.returncode == 2
+    assert "refusing to start" in worker.text() and "buffered" in worker.text()
+    assert "supervising" not in worker.text()
