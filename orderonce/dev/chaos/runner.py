@@ -214,8 +214,9 @@ class _Run:
             broker_url=self.broker_url,
             env=self.env,
             logs=logs,
-            # Buffered mode runs in the consumer's own process: solo workers only.
-            pools=["solo"] * 3 if self.opts.buffered else POOLS[self.opts.profile],
+            # Buffered mode: the default pool, two supervised consumers per worker (kill_child
+            # kills a consumer, kill_main a supervisor and its consumers).
+            pools=["buffered"] * 2 if self.opts.buffered else POOLS[self.opts.profile],
             worker_args=[f"--buffered={self.opts.buffered}"] if self.opts.buffered else [],
             entry=entry,
             with_relay=self.opts.profile == "full",
