@@ -145,7 +145,10 @@ def test_publish_streams_each_line_as_it_arrives(
     assert b"Traceback" not in err
     assert b"published 2 events, refused 1 lines" in out
     wait_until(
-        lambda: scalar(db, "SELECT on_hand FROM inventory WHERE sku = 'SKU-STREAM'") == 5,
+        lambda: (
+            scalar(db, "SELECT coalesce(sum(on_hand), 0) FROM inventory WHERE sku = 'SKU-STREAM'")
+            == 5
+        ),
         30,
         "the second event",
     )

@@ -56,7 +56,7 @@ def post_batch(url: str, events: list[SdkEvent], **headers: str) -> httpx.Respon
 
 
 def on_hand(db: Engine, sku: str) -> int:
-    return scalar(db, "SELECT on_hand FROM inventory WHERE sku = :sku", sku=sku)
+    return scalar(db, "SELECT coalesce(sum(on_hand), 0) FROM inventory WHERE sku = :sku", sku=sku)
 
 
 def test_all_three_modes_are_applied_exactly_once(
