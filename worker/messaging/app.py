@@ -15,6 +15,7 @@ from celery import Celery, signals
 from celery.concurrency.solo import TaskPool as SoloPool
 
 from orderonce.config import Settings, Urls
+from orderonce.heap import freeze_startup_heap
 from worker.messaging import tasks
 from worker.messaging.amqp_ingest import AmqpIngest
 from worker.messaging.broker import check_celery_safety, make_celery
@@ -41,7 +42,15 @@ def create_app(settings: Settings, urls: Urls) -> Celery:
     signals.worker_ready.connect(
         _solo_cold_shutdown_exits_at_once, weak=False, dispatch_uid="orderonce.solo_cold"
     )
+    # The process that runs tasks: the worker itself (solo, each consumer of the default
+    # pool), or each prefork child.
+    signals.worker_ready.connect(_freeze, weak=False, dispatch_uid="orderonce.freeze")
+    signals.worker_process_init.connect(_freeze, weak=False, dispatch_uid="orderonce.freeze_child")
     return app
+
+
+def _freeze(**_: Any) -> None:
+    freeze_startup_heap()
 
 
 def _solo_cold_shutdown_exits_at_once(sender: Any, **_: Any) -> None:
