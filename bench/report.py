@@ -156,7 +156,8 @@ def verified(run: dict[str, Any]) -> bool:
 def print_results(results: dict[str, Any]) -> None:
     m, o, summary = results["machine"], results["options"], results["summary"]
     print(
-        f"\nthroughput: {o['events']} events per drain, median of {o['runs']} runs;"
+        f"\nthroughput: {o['events']} events per drain"
+        f" ((b): {o.get('stream_events', o['events'])}), median of {o['runs']} runs;"
         f" {m['nproc']} cores, Python {m['python']}, Celery {m['celery']},"
         f" PostgreSQL {m['postgres']['server_version']}, Redis {m['redis_server']}"
     )

@@ -128,7 +128,8 @@ def orderonce_stream(
     engine = make_engine(database_url, defaults)
     publisher = Publisher(redis_url, defaults)
     tag = uuid.uuid4().hex[:6].upper()
-    drain = demo_stream(f"D{tag}", opts.events, seed)
+    events = opts.stream_events if pool == "buffered" else opts.events
+    drain = demo_stream(f"D{tag}", events, seed)
     for p in drain.publications:
         publisher.publish_raw(p.body)
     r.rename(QUEUE, stash(QUEUE))

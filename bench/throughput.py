@@ -198,6 +198,7 @@ def run(opts: Options) -> dict[str, Any]:
         "machine": described,
         "options": {
             "events": opts.events,
+            "stream_events": opts.stream_events,
             "runs": opts.runs,
             "workers": list(opts.workers),
             "latency_seconds": opts.latency_seconds,
@@ -250,7 +251,15 @@ def run(opts: Options) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=Options.events, help="events per drain")
+    parser.add_argument(
+        "--events", type=int, default=Options.events, help="events per drain of (a), (a'), (b'')"
+    )
+    parser.add_argument(
+        "--stream-events",
+        type=int,
+        default=Options.stream_events,
+        help="events per drain of (b), the default worker",
+    )
     parser.add_argument("--runs", type=int, default=Options.runs)
     parser.add_argument(
         "--workers",
@@ -318,6 +327,7 @@ def main() -> None:
         not args.no_prefork,
         args.trickle_events,
         args.history_events,
+        stream_events=args.stream_events,
     )
     # A Ctrl-C should still stop the workers and drop the database: make SIGTERM one too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
