@@ -42,7 +42,7 @@ def test_the_default_worker_replaces_a_killed_consumer_and_applies_everything_on
     )
     # A consumer killed between its commit and its acks leaves messages whose events are
     # applied but which the broker still holds as unacked: a live consumer restores them after
-    # the visibility timeout, and they must come back as redeliveries, not second effects.
+    # the visibility timeout. Redelivered, they must change nothing (the counts below).
     wait_until(
         lambda: redis_holds_nothing(broker.url, broker.settings.queue),
         60,
@@ -55,6 +55,7 @@ def test_the_default_worker_replaces_a_killed_consumer_and_applies_everything_on
     worker.terminate()
     assert worker.proc.returncode == 0
     assert worker.children() == []
+    assert redis_holds_nothing(broker.url, broker.settings.queue)  # the warm shutdown acked all
     assert_verified(db)
 
 
