@@ -26,11 +26,17 @@ class FakeMessage:
         self.delivery_info: dict[str, Any] = {}
         self.channel = None
         self.acknowledged = False
-        self._raw = raw if raw is not None else json.dumps([[body], {}, {}]).encode()
+        self.body = raw if raw is not None else json.dumps([[body], {}, {}]).encode()
+        self.content_type = "application/json"
+        self.content_encoding = "utf-8"
+        self.accept = None
+        self._decoded_cache: Any = None
         self.fate: str | None = None
 
     def decode(self) -> Any:
-        return json.loads(self._raw)
+        if not self._decoded_cache:
+            self._decoded_cache = json.loads(self.body)
+        return self._decoded_cache
 
     def ack_log_error(self, *_: Any) -> None:
         assert self.fate is None
@@ -92,6 +98,28 @@ def test_only_plain_event_messages_are_buffered() -> None:
     assert buffered.plain_event(FakeMessage(raw=b'[["a", "b"], {}, {}]')) is None
     assert buffered.plain_event(FakeMessage(raw=b'[["a"], {"k": 1}, {}]')) is None
     assert buffered.plain_event(FakeMessage(raw=b"[[1], {}, {}]")) is None
+
+
+def test_a_task_body_reads_as_kombu_decodes_it() -> None:
+    """orjson reads the usual body; what it refuses, a kombu-typed value, or a body of another
+    content type or one the consumer does not accept, goes to kombu's decoder: same result,
+    same refusals."""
+    plain = FakeMessage("e")
+    assert buffered.plain_event(plain) is not None
+    lenient = FakeMessage(raw=b'[["e"], {}, {"x": NaN}]')  # Python's json reads NaN, orjson not
+    assert buffered.plain_event(lenient) is not None
+    other = FakeMessage("e")
+    other.content_type = "application/x-other"
+    other.decode = lambda: (_ for _ in ()).throw(ValueError("refused"))  # type: ignore[method-assign]
+    assert buffered.plain_event(other) is None
+    refused = FakeMessage("e")
+    refused.accept = {"application/x-other"}
+    refused.decode = other.decode  # type: ignore[method-assign]
+    assert buffered.plain_event(refused) is None
+    typed = FakeMessage(raw=b'[["e"], {}, {"x": {"__type__": "uuid", "__value__": "0"}}]')
+    typed.decode = lambda: [["kombu"], {}, {}]  # type: ignore[method-assign]
+    assert buffered.decoded_body(typed) == [["kombu"], {}, {}]
+    assert buffered.decoded_body(plain) is plain._decoded_cache  # what Celery reads later
 
 
 def test_a_full_buffer_commits_then_acks_and_hands_back_in_order(batch: dict[str, Any]) -> None:

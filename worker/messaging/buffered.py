@@ -48,12 +48,14 @@ its children ran others, and prefetch would be N times the concurrency.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
 from kombu.transport.virtual import QoS as VirtualQoS
 
 from schemas.vocabulary import RetryCause
@@ -89,13 +91,15 @@ def plain_event(message: Any) -> Buffered | None:
     if headers.get(ATTEMPTS_HEADER):
         return None  # a retry (with its budgets): the single path counts them
     try:
-        decoded = message.decode()
+        decoded = decoded_body(message)
     except Exception:  # Celery's path decodes it again and dead-letters it for its reason
         return None
     if not isinstance(decoded, list | tuple) or len(decoded) != 3:
         return None
     args, kwargs = decoded[0], decoded[1]
-    if not isinstance(args, list | tuple) or len(args) != 1 or kwargs:
+    if not isinstance(args, list | tuple) or len(args) != 1 or not isinstance(kwargs, dict):
+        return None
+    if kwargs:
         return None
     body = args[0]
     if not isinstance(body, str):
@@ -106,6 +110,30 @@ def plain_event(message: Any) -> Buffered | None:
         body.encode("utf-8", "surrogatepass"),
         task_id if isinstance(task_id, str) else None,
     )
+
+
+def decoded_body(message: Any) -> Any:
+    """``message.decode()``, as kombu returns and caches it, for less CPU: a JSON body that
+    the consumer accepts and that holds no kombu-typed value (``__type__``, the only thing
+    kombu's object hook reads) is parsed by orjson, about twice as fast as kombu's decoder,
+    and cached on the message as kombu caches its own decode (Celery reads that cache). What
+    orjson refuses (NaN, lone surrogates, huge integers) is decoded by kombu: same result,
+    same errors."""
+    cached = message._decoded_cache
+    if cached:
+        return cached
+    body, accept = message.body, message.accept
+    if (
+        message.content_type == "application/json"
+        and message.content_encoding == "utf-8"
+        and (accept is None or "application/json" in accept)
+        and isinstance(body, bytes)
+        and b"__type__" not in body
+    ):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            message._decoded_cache = orjson.loads(body)
+            return message._decoded_cache
+    return message.decode()
 
 
 class Buffer:
@@ -238,29 +266,31 @@ class Buffer:
             self._single(message)
 
     def _ack(self, messages: list[Any]) -> None:
-        """Ack these messages; on kombu's Redis transport in one round trip (a pipeline of what
-        ``Message.ack`` sends for each) instead of one each. A failure leaves them unacked:
-        the broker redelivers them and they are counted as redeliveries."""
+        """Ack these messages; on kombu's Redis transport in one round trip of two commands
+        (what ``Message.ack`` sends for each, ZREM and HDEL, with every message's tag) instead
+        of a round trip of two commands each. A failure leaves them unacked: the broker
+        redelivers them and they are counted as redeliveries."""
         if not messages:
             return
         channel = messages[0].channel
         qos: Any = getattr(channel, "qos", None)
-        remove = getattr(qos, "_remove_from_indices", None)
         pipe_or_acquire = getattr(qos, "pipe_or_acquire", None)
+        index_key = getattr(qos, "unacked_index_key", None)
+        unacked_key = getattr(qos, "unacked_key", None)
         if (
             not isinstance(qos, VirtualQoS)
-            or remove is None
             or pipe_or_acquire is None
+            or index_key is None
+            or unacked_key is None
             or any(m.channel is not channel or m.acknowledged for m in messages)
         ):
             for m in messages:
                 m.ack_log_error(log, self._connection_errors)
             return
+        tags = [m.delivery_tag for m in messages]
         try:
             with pipe_or_acquire() as pipe:
-                for m in messages:
-                    remove(m.delivery_tag, pipe)
-                pipe.execute()
+                pipe.zrem(index_key, *tags).hdel(unacked_key, *tags).execute()
         except Exception as exc:
             log.warning(
                 "could not ack %d messages (they will be redelivered): %s", len(messages), exc

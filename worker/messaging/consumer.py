@@ -30,7 +30,7 @@ from vine import promise
 from orderonce.errors import UnsafeSettings
 from schemas.vocabulary import DeadLetterReason
 from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME
-from worker.messaging.buffered import Buffer
+from worker.messaging.buffered import Buffer, decoded_body
 from worker.messaging.runtime import runtime_of
 from worker.messaging.transport import UNREADABLE
 from worker.ops import metrics
@@ -75,7 +75,7 @@ def _refusal(message: Any) -> DeadLetterReason | None:
     if (message.headers or {}).get("task") not in OUR_TASKS:
         return None  # Celery's own handling dead-letters it (on_unknown_*)
     try:
-        body = message.decode()  # cached on the message: Celery reads this same decode
+        body = decoded_body(message)  # cached on the message: Celery reads it
     except Exception:
         return None  # Celery's own handling dead-letters it as undecodable
     shaped = (

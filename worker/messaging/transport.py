@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
+import orjson
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis.exceptions import NoScriptError
@@ -56,14 +57,14 @@ UNREADABLE = "application/x-orderonce-unreadable"
 MAX_PER_CALL = 256
 
 # KEYS: unacked hash, unacked index, then the queue keys in the order to try.
-# ARGV: how many at most, now (seconds), the queue name of each queue key, then a fresh tag per
-#       message that may be needed for an entry with none.
+# ARGV: how many at most, now (seconds), the queue name of each queue key, then a fresh prefix
+#       for the tag an entry with none is given (the prefix, a dot and the entry's number).
 # Returns queue, entry, tag for each message taken.
 RECEIVE = r"""
 local want = tonumber(ARGV[1])
 local now = ARGV[2]
 local nqueues = #KEYS - 2
-local spare = 2 + nqueues
+local spare = ARGV[3 + nqueues]
 local b64chars = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
 local function b64(data)
   return ((data:gsub('.', function(x)
@@ -96,7 +97,7 @@ for k = 1, nqueues do
         if type(info.routing_key) == 'string' then key = info.routing_key end
       end
     else
-      tag = ARGV[spare + taken]
+      tag = spare .. '.' .. taken
       entry = cjson.encode({
         body = b64(entry), ['content-encoding'] = 'binary',
         ['content-type'] = 'application/x-orderonce-unreadable', headers = {},
@@ -146,6 +147,7 @@ class Channel(kombu_redis.Channel):
     _shared: Any = None  # the client built on the current pool
     _waiting = False  # the next receive command: BLMOVE (wait), else the script
     _sent: str | None = None
+    _checked: tuple[dict[str, Any], Any] | None = None  # a payload and its message (_payload)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.recorded: dict[str, bool] = {}
@@ -195,7 +197,7 @@ class Channel(kombu_redis.Channel):
             want,
             repr(time.time()),
             *(q for _, q in pairs),
-            *(uuid.uuid4().hex for _ in range(want)),
+            uuid.uuid4().hex,
         )
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -249,16 +251,50 @@ class Channel(kombu_redis.Channel):
         JSON more leniently) is rewritten in ``unacked`` as a message carrying its bytes."""
         raw = entry if isinstance(entry, bytes) else entry.encode("utf-8", "surrogatepass")
         try:
-            payload = json.loads(raw)
+            payload = loads(raw)
             if not isinstance(payload, dict):
                 raise TypeError("not an object")
-            # The body decodes, the properties are there: as kombu reads it on delivery.
-            self.Message(payload, channel=self)  # type: ignore[no-untyped-call]  # kombu
+            # The body decodes, the properties are there: as kombu reads it on delivery. The
+            # message is kept for that delivery (``basic_consume``), not built a second time.
+            message = self.Message(payload, channel=self)  # type: ignore[no-untyped-call]
+            self._checked = (payload, message)
             return payload
         except Exception:
             wrapped = unreadable(raw, tag, queue)
             self.client.hset(self.unacked_key, tag, json.dumps([wrapped, "", queue]))
             return wrapped
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> Any:
+        result = super().basic_consume(  # type: ignore[no-untyped-call]  # kombu
+            queue, no_ack, callback, consumer_tag, **kwargs
+        )
+        delivers = self.connection._callbacks[queue]
+
+        def deliver(payload: Any) -> Any:
+            # kombu's delivery (basic_consume's own callback), with the message ``_payload``
+            # built to check this payload instead of a second one.
+            checked, self._checked = self._checked, None
+            if checked is None or checked[0] is not payload:
+                return delivers(payload)
+            message = checked[1]
+            if not no_ack:
+                self.qos.append(message, message.delivery_tag)
+            return callback(message)
+
+        self.connection._callbacks[queue] = deliver
+        return result
+
+
+def loads(raw: bytes) -> Any:
+    """JSON from a list entry or a message body: orjson (a message is parsed several times
+    on its way, and kombu's entries are 1-2 kB), or, where orjson is stricter than Python's json
+    (NaN, lone surrogates), Python's json: what is read does not change."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def _text(value: bytes | str) -> str:
