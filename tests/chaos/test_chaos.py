@@ -74,14 +74,24 @@ def test_buffered_mode_under_the_same_faults_loses_and_duplicates_nothing(tmp_pa
     assert report["attempt_outcomes"]["duplicate"] > 0  # type: ignore[index]
 
 
-def test_on_rabbitmq_the_same_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+# Buffered: a buffer's messages are acked with one multiple ack where that is safe
+# (worker/messaging/amqp_acks.py), which kills and restarts must not turn into a lost message.
+@pytest.mark.parametrize("buffered", [0, 50])
+def test_on_rabbitmq_the_same_faults_lose_and_duplicate_nothing(
+    tmp_path: Path, buffered: int
+) -> None:
     url = os.environ.get("ORDERONCE_TEST_AMQP_URL", DEFAULT_AMQP_URL)
     if not listening(url):
         pytest.skip(f"no RabbitMQ listens at {url} (ORDERONCE_TEST_AMQP_URL)")
     with session_vhost(url) as (vhost_url, _private):
         report = run(
             ChaosOptions(
-                events=1000, seed=13, broker_url=vhost_url, drain_timeout_s=240, workdir=tmp_path
+                events=1000,
+                seed=13,
+                broker_url=vhost_url,
+                buffered=buffered,
+                drain_timeout_s=240,
+                workdir=tmp_path,
             )
         )
     assert report["broker"] == "rabbitmq"

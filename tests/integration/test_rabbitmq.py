@@ -7,12 +7,15 @@ Skipped, saying why, when no RabbitMQ listens at ORDERONCE_TEST_AMQP_URL (tests/
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from amqp.exceptions import MessageNacked
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Consumer, Exchange, Queue
 from sqlalchemy import Engine, text
 
 from producers import Publisher
@@ -20,9 +23,12 @@ from producers.publisher import to_json
 from tests import events
 from tests.brokers import Broker, message_count
 from tests.db import scalar
+from tests.raw_broker import publish_raw_message, task_headers
 from tests.workers import WorkerFactory, wait_until
 from worker.messaging.broker import dead_letter_queue, make_celery
+from worker.messaging.buffered import Buffer
 from worker.ops import reports
+from worker.protocol import HandedBack
 
 pytestmark = pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 
@@ -134,3 +140,107 @@ def test_nothing_is_lost_when_workers_are_killed(
     assert scalar(db, "SELECT sum(on_hand) FROM inventory") == len(stream)
     with db.connect() as conn:
         assert all(c.ok for c in reports.verify(conn))
+
+
+def test_a_buffer_acked_in_one_frame_leaves_a_task_held_for_its_eta_unacked(
+    db: Engine, workers: WorkerFactory, publisher: Publisher, broker: Broker
+) -> None:
+    """A buffered consumer acks a batch with one multiple ack (worker/messaging/amqp_acks.py),
+    which covers every delivery up to its tag. A task Celery holds unacked until its ETA was
+    delivered first, below the batch's tags: it must stay unacked, so a worker killed before
+    the ETA gives it back. (Acked with the batch, it would be gone with the worker.)"""
+    # Sent as a message with an ETA (not through Celery's delayed delivery, which parks it in
+    # RabbitMQ): the worker holds it, unacked, until then.
+    headers = task_headers(broker.settings)
+    headers["eta"] = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+    held = to_json(events.restock("SKU-ETA", 1))
+    publish_raw_message(
+        broker.url,
+        broker.settings,
+        json.dumps([[held], {}, {}]),
+        content_type="application/json",
+        headers=headers,
+    )
+    assert message_count(broker.url, broker.settings.queue) == 1  # published with confirms
+    worker = workers.start(args=["--buffered", "25"])
+    wait_until(
+        lambda: message_count(broker.url, broker.settings.queue) == 0,
+        30,
+        "the worker to hold the ETA task (the first delivery on its channel)",
+    )
+    stream = [events.restock(f"SKU-{i % 7}", 1) for i in range(60)]
+    for event in stream:
+        publisher.publish(event)
+    wait_until(
+        lambda: scalar(db, "SELECT count(*) FROM processed_messages") == len(stream),
+        60,
+        "the plain events",
+    )
+    assert "batch of " in worker.text()  # applied in buffered batches, acked in frames of many
+    time.sleep(0.5)  # the acks follow each commit at once; let the last frame reach RabbitMQ
+    worker.signal_group(signal.SIGKILL)
+    worker.proc.wait(timeout=10)
+    # RabbitMQ gives the dead connection's unacked messages back once it sees it closed.
+    wait_until(
+        lambda: message_count(broker.url, broker.settings.queue) >= 1, 30, "the ETA task back"
+    )
+    ids = []
+    with Connection(broker.url) as conn:
+        queue = Queue(broker.settings.queue, channel=conn.default_channel, no_declare=True)
+        while (message := queue.get(no_ack=True)) is not None:
+            ids.append(message.headers.get("id"))
+    assert headers["id"] in ids
+    assert len(ids) == 1  # and nothing of the acked batches came back
+    assert scalar(db, "SELECT count(*) FROM processed_messages") == len(stream)
+
+
+def test_a_buffer_on_rabbitmq_acks_its_batch_with_one_frame(
+    broker: Broker, publisher: Publisher
+) -> None:
+    """The buffer's acks on a real py-amqp channel: one ``basic.ack`` with ``multiple`` for a
+    committed batch, one frame each above a message handed back (still unacked); and RabbitMQ
+    gives back exactly that message when the connection closes."""
+    stream = [events.restock(f"SKU-{i}", 1) for i in range(20)]
+    for event in stream:
+        publisher.publish(event)
+    handed_back: list[Any] = []
+
+    def apply(bodies: list[bytes], *, message_ids: list[str | None], quick_tries: int) -> Any:
+        back = [HandedBack(bodies[3], "single_path", "", 3)] if len(handed_back) == 0 else []
+        return [], back
+
+    buffer = Buffer(10, 0.0, 0.05, handed_back.append, apply, lambda delay, fn: _NoTimer())
+    frames: list[tuple[int, bool]] = []
+    with Connection(broker.url) as conn:
+        channel = conn.default_channel
+        real_ack = channel.basic_ack
+
+        def basic_ack(tag: int, multiple: bool = False) -> Any:
+            frames.append((tag, multiple))
+            return real_ack(tag, multiple=multiple)
+
+        channel.basic_ack = basic_ack
+        seen: list[Any] = []
+
+        def on_message(message: Any) -> None:
+            seen.append(message)
+            buffer.delivered(message)
+            assert buffer.offer(message)
+
+        queue = Queue(broker.settings.queue, channel=channel, no_declare=True)
+        with Consumer(channel, queues=[queue], on_message=on_message, prefetch_count=40):
+            while len(seen) < len(stream):
+                conn.drain_events(timeout=10)
+        held_back = handed_back[0].delivery_tag
+        # First batch: tags 1-10 with tag 4 handed back (kept unacked by the single path);
+        # second batch: 11-20, nothing below them unsettled but tag 4.
+        assert frames == [(3, True)] + [(t, False) for t in range(5, 21)]
+        assert held_back == 4
+    wait_until(
+        lambda: message_count(broker.url, broker.settings.queue) == 1, 30, "tag 4 given back"
+    )
+
+
+class _NoTimer:
+    def cancel(self) -> None:
+        pass

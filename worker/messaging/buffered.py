@@ -59,6 +59,7 @@ import orjson
 from kombu.transport.virtual import QoS as VirtualQoS
 
 from schemas.vocabulary import RetryCause
+from worker.messaging.amqp_acks import Deliveries, ack_all
 from worker.messaging.broker import TASK_NAME
 from worker.messaging.retry import ATTEMPTS_HEADER
 from worker.ops import metrics
@@ -172,9 +173,24 @@ class Buffer:
         self._connection_errors = connection_errors
         self._items: list[Buffered] = []
         self._timer: Any = None
+        # On RabbitMQ, the consumer's channel and what was delivered on it (``delivered``).
+        self._channel: Any = None
+        self._deliveries: Deliveries | None = None
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def delivered(self, message: Any) -> None:
+        """Told of every message delivered to the consumer, before anything else sees it:
+        on RabbitMQ this is what lets ``_ack`` ack many messages with one frame
+        (worker/messaging/amqp_acks.py). Redis channels need nothing of it."""
+        channel = message.channel
+        if channel is not self._channel:
+            self._channel = channel
+            virtual = isinstance(getattr(channel, "qos", None), VirtualQoS)
+            self._deliveries = None if virtual else Deliveries()
+        if self._deliveries is not None:
+            self._deliveries.delivered(message)
 
     def offer(self, message: Any) -> bool:
         """Keep the message for the next batch; False when it must take Celery's usual path."""
@@ -208,6 +224,7 @@ class Buffer:
 
     def discard(self) -> int:
         """Forget the buffered messages, unacked (the broker gives them back); how many."""
+        self._channel, self._deliveries = None, None
         return len(self._take())
 
     def _take(self) -> list[Buffered]:
@@ -273,6 +290,22 @@ class Buffer:
         if not messages:
             return
         channel = messages[0].channel
+        if (
+            self._deliveries is not None
+            and channel is self._channel
+            and not any(m.channel is not channel or m.acknowledged for m in messages)
+        ):
+            try:
+                ack_all(
+                    self._deliveries,
+                    messages,
+                    lambda m: m.ack_log_error(log, self._connection_errors),
+                )
+            except Exception as exc:
+                log.warning(
+                    "could not ack %d messages (they will be redelivered): %s", len(messages), exc
+                )
+            return
         qos: Any = getattr(channel, "qos", None)
         pipe_or_acquire = getattr(qos, "pipe_or_acquire", None)
         index_key = getattr(qos, "unacked_index_key", None)

@@ -105,6 +105,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         buffer = self.buffer
 
         def on_task_received(message: Any) -> None:
+            if buffer is not None:
+                buffer.delivered(message)
             refusal = _refusal(message)
             if refusal is not None:
                 if self._keep(message, refusal, None):
@@ -184,6 +186,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]  # celery ships no 
         return True
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        if self.buffer is not None:
+            self.buffer.delivered(message)  # a delivery too, settled here
         reason = (
             DeadLetterReason.CONTENT_TYPE_REFUSED
             if isinstance(exc, ContentDisallowed)
