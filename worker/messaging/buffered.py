@@ -283,9 +283,9 @@ class Buffer:
             self._single(message)
 
     def _ack(self, messages: list[Any]) -> None:
-        """Ack these messages; on kombu's Redis transport in one round trip of two commands
-        (what ``Message.ack`` sends for each, ZREM and HDEL, with every message's tag) instead
-        of a round trip of two commands each. A failure leaves them unacked: the broker
+        """Ack these messages: on RabbitMQ with as few frames as is safe (amqp_acks), on
+        kombu's Redis transport in one round trip of the two commands ``Message.ack`` sends
+        (ZREM and HDEL), each naming every message. A failure leaves them unacked: the broker
         redelivers them and they are counted as redeliveries."""
         if not messages:
             return
