@@ -104,3 +104,21 @@ def test_a_failed_multiple_ack_leaves_every_message_unacked() -> None:
     with contextlib.suppress(ConnectionError):
         ack_all(deliveries, [m[1], m[2], m[3]], lambda msg: msg.ack())
     assert not any(msg.acknowledged for msg in m.values())
+
+
+def test_deliveries_settled_elsewhere_are_not_kept_forever() -> None:
+    """A consumer whose messages all take the single path (batch messages, retries) acks no
+    batch; what it tracks must stay bounded, while what is unsettled stays tracked."""
+    channel, deliveries = FakeChannel(), Deliveries()
+    held = FakeMessage(channel, 1)
+    deliveries.delivered(held)
+    for tag in range(2, 50_000):
+        m = FakeMessage(channel, tag)
+        deliveries.delivered(m)
+        m.ack()
+    assert len(deliveries) < 2_100
+    more = FakeMessage(channel, 50_000)
+    deliveries.delivered(more)
+    _ack(deliveries, [more])  # tag 1 still open below it: acked alone
+    assert channel.frames[-1] == (50_000, False)
+    assert not held.acknowledged

@@ -120,6 +120,8 @@ def test_a_task_body_reads_as_kombu_decodes_it() -> None:
     typed.decode = lambda: [["kombu"], {}, {}]  # type: ignore[method-assign]
     assert buffered.decoded_body(typed) == [["kombu"], {}, {}]
     assert buffered.decoded_body(plain) is plain._decoded_cache  # what Celery reads later
+    huge = FakeMessage(raw=b'[["e"], {}, {"n": 123456789012345678901234567890}]')
+    assert buffered.decoded_body(huge)[2]["n"] == 123456789012345678901234567890  # not a float
 
 
 def test_a_full_buffer_commits_then_acks_and_hands_back_in_order(batch: dict[str, Any]) -> None:

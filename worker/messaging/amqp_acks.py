@@ -24,6 +24,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+_PRUNE_AT = 1024
+
 
 class Deliveries:
     """The deliveries of one AMQP channel that this consumer saw and that may be unsettled."""
@@ -32,6 +34,10 @@ class Deliveries:
         self._open: dict[int, Any] = {}  # delivery tag -> kombu message, maybe settled since
         self._seen_upto = 0  # every tag from 1 to this one was seen
         self._gap = False  # a tag was never seen: nothing above it is tracked any more
+        # Deliveries settled elsewhere (the single path, Celery) are dropped when a batch is
+        # acked; a consumer whose messages all go elsewhere acks no batch, so they are also
+        # dropped whenever this many are tracked (twice what was still open after the last).
+        self._prune_at = _PRUNE_AT
 
     def delivered(self, message: Any) -> None:
         tag = message.delivery_tag
@@ -45,14 +51,23 @@ class Deliveries:
             return
         self._seen_upto = tag
         self._open[tag] = message
+        if len(self._open) >= self._prune_at:
+            self._prune()
+            self._prune_at = max(_PRUNE_AT, 2 * len(self._open))
+
+    def __len__(self) -> int:
+        """Deliveries tracked: unsettled, or settled since the last prune."""
+        return len(self._open)
+
+    def _prune(self) -> None:
+        for tag in [tag for tag, m in self._open.items() if m.acknowledged]:
+            del self._open[tag]
 
     def covered(self, messages: list[Any]) -> int:
         """The highest tag a multiple ack may name to ack ``messages`` (0: none): every tag
         up to it was seen, and each delivery up to it is one of these or settled already."""
         wanted = {m.delivery_tag for m in messages}
-        settled = [tag for tag, m in self._open.items() if m.acknowledged]
-        for tag in settled:
-            del self._open[tag]
+        self._prune()
         blocker = min((t for t in self._open if t not in wanted), default=None)
         limit = self._seen_upto if blocker is None else min(self._seen_upto, blocker - 1)
         return max((t for t in wanted if t <= limit), default=0)

@@ -55,12 +55,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
 from kombu.transport.virtual import QoS as VirtualQoS
 
 from schemas.vocabulary import RetryCause
 from worker.messaging.amqp_acks import Deliveries, ack_all
 from worker.messaging.broker import TASK_NAME
+from worker.messaging.fast_json import read_exactly
 from worker.messaging.retry import ATTEMPTS_HEADER
 from worker.ops import metrics
 from worker.protocol import HandedBack, Outcome
@@ -116,10 +116,9 @@ def plain_event(message: Any) -> Buffered | None:
 def decoded_body(message: Any) -> Any:
     """``message.decode()``, as kombu returns and caches it, for less CPU: a JSON body that
     the consumer accepts and that holds no kombu-typed value (``__type__``, the only thing
-    kombu's object hook reads) is parsed by orjson, about twice as fast as kombu's decoder,
-    and cached on the message as kombu caches its own decode (Celery reads that cache). What
-    orjson refuses (NaN, lone surrogates, huge integers) is decoded by kombu: same result,
-    same errors."""
+    kombu's object hook reads) is parsed by orjson (worker/messaging/fast_json.py) and cached
+    on the message as kombu caches its own decode (Celery reads that cache). What orjson
+    cannot read as Python's json does is decoded by kombu: same result, same errors."""
     cached = message._decoded_cache
     if cached:
         return cached
@@ -131,8 +130,8 @@ def decoded_body(message: Any) -> Any:
         and isinstance(body, bytes)
         and b"__type__" not in body
     ):
-        with contextlib.suppress(orjson.JSONDecodeError):
-            message._decoded_cache = orjson.loads(body)
+        with contextlib.suppress(ValueError):
+            message._decoded_cache = read_exactly(body)
             return message._decoded_cache
     return message.decode()
 
@@ -285,51 +284,34 @@ class Buffer:
     def _ack(self, messages: list[Any]) -> None:
         """Ack these messages: on RabbitMQ with as few frames as is safe (amqp_acks), on
         kombu's Redis transport in one round trip of the two commands ``Message.ack`` sends
-        (ZREM and HDEL), each naming every message. A failure leaves them unacked: the broker
-        redelivers them and they are counted as redeliveries."""
+        (ZREM and HDEL), each naming every message; otherwise one by one. A failure leaves
+        them unacked: the broker redelivers them and they are counted as redeliveries."""
         if not messages:
             return
         channel = messages[0].channel
-        if (
-            self._deliveries is not None
-            and channel is self._channel
-            and not any(m.channel is not channel or m.acknowledged for m in messages)
-        ):
-            try:
-                ack_all(
-                    self._deliveries,
-                    messages,
-                    lambda m: m.ack_log_error(log, self._connection_errors),
-                )
-            except Exception as exc:
-                log.warning(
-                    "could not ack %d messages (they will be redelivered): %s", len(messages), exc
-                )
-            return
         qos: Any = getattr(channel, "qos", None)
-        pipe_or_acquire = getattr(qos, "pipe_or_acquire", None)
         index_key = getattr(qos, "unacked_index_key", None)
         unacked_key = getattr(qos, "unacked_key", None)
-        if (
-            not isinstance(qos, VirtualQoS)
-            or pipe_or_acquire is None
-            or index_key is None
-            or unacked_key is None
-            or any(m.channel is not channel or m.acknowledged for m in messages)
-        ):
-            for m in messages:
-                m.ack_log_error(log, self._connection_errors)
-            return
-        tags = [m.delivery_tag for m in messages]
         try:
-            with pipe_or_acquire() as pipe:
-                pipe.zrem(index_key, *tags).hdel(unacked_key, *tags).execute()
+            if any(m.channel is not channel or m.acknowledged for m in messages):
+                self._ack_each(messages)
+            elif self._deliveries is not None and channel is self._channel:
+                ack_all(self._deliveries, messages, lambda m: self._ack_each([m]))
+            elif isinstance(qos, VirtualQoS) and index_key and unacked_key:
+                tags = [m.delivery_tag for m in messages]
+                with qos.pipe_or_acquire() as pipe:  # type: ignore[attr-defined]  # kombu's redis
+                    pipe.zrem(index_key, *tags).hdel(unacked_key, *tags).execute()
+                for m in messages:
+                    # The rest of Message.ack: the channel's bookkeeping, the message's state.
+                    VirtualQoS.ack(qos, m.delivery_tag)  # type: ignore[no-untyped-call]  # kombu
+                    m._state = "ACK"
+            else:
+                self._ack_each(messages)
         except Exception as exc:
             log.warning(
                 "could not ack %d messages (they will be redelivered): %s", len(messages), exc
             )
-            return
+
+    def _ack_each(self, messages: list[Any]) -> None:
         for m in messages:
-            # The rest of Message.ack: the channel's own bookkeeping, and the message's state.
-            VirtualQoS.ack(qos, m.delivery_tag)  # type: ignore[no-untyped-call]  # kombu
-            m._state = "ACK"
+            m.ack_log_error(log, self._connection_errors)

@@ -43,10 +43,11 @@ from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
-import orjson
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis.exceptions import NoScriptError
+
+from worker.messaging.fast_json import loads
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +286,6 @@ class Channel(kombu_redis.Channel):
 
         self.connection._callbacks[queue] = deliver
         return result
-
-
-def loads(raw: bytes) -> Any:
-    """JSON from a list entry: orjson (kombu's entries are 1-2 kB; Python's json takes about
-    twice the CPU), or, where orjson is stricter than Python's json (NaN, lone surrogates, huge
-    integers), Python's json: what is read does not change."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 def _text(value: bytes | str) -> str:
