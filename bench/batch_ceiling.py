@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 import redis
-from sqlalchemy import Connection, event, make_url
+from sqlalchemy import event, make_url
 
 from bench import cpu
 from orderonce.config import Settings
@@ -95,9 +95,16 @@ def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: i
     client = redis.Redis.from_url(redis_url)
     current: Transaction = []
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def keep(_conn: Connection, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        current.append((statement, parameters))
+    class Keeping(psycopg.Cursor[Any]):
+        # At the driver: the protocol sends its batch statements past SQLAlchemy
+        # (worker.store.db.execute_raw), so SQLAlchemy's events see only some of them.
+        def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+            current.append((query, params))
+            return super().execute(query, params, **options)
+
+    @event.listens_for(engine, "connect")
+    def keep(dbapi_conn: psycopg.Connection[Any], _record: Any) -> None:
+        dbapi_conn.cursor_factory = Keeping
 
     transactions: list[Transaction] = []
     locks = BatchLocks(client, Settings().lock_ttl_ms)

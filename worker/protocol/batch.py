@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
 from orderonce.errors import BatchRace
 from schemas import CloudEvent, content_hash, same_content
@@ -46,6 +46,7 @@ from worker.protocol.failpoints import failpoint
 from worker.protocol.locks import BatchLocks
 from worker.protocol.single import Config, Outcome, Refusal, admit, with_db_retries
 from worker.store import dead_letters
+from worker.store.db import execute_raw
 from worker.store.effects.batch import BatchEffects, Punt, json_rows
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,11 @@ class _Entry:
     message_id: str | None
 
 
-_CLAIM = text(
+_CLAIM = (
     "INSERT INTO processed_messages (source, event_id, event_type, subject, payload_hash,"
     " outcome, message_id)"
     " SELECT v.source, v.event_id, v.event_type, v.subject, v.payload_hash, 'applied',"
-    " v.message_id FROM json_to_recordset(CAST(:rows AS json)) AS v(source text,"
+    " v.message_id FROM json_to_recordset(CAST(%(rows)s AS json)) AS v(source text,"
     " event_id text, event_type text, subject text, payload_hash text, message_id text)"
     # As processed.claim: a tombstone says the event was processed before its row was pruned.
     " WHERE NOT EXISTS (SELECT 1 FROM processed_tombstones AS t"
@@ -99,24 +100,24 @@ _CLAIM = text(
 # Written with the batch's effects, in their statement (BatchEffects.flush): a handed-back
 # event's claim removed, and each outcome other than a plain 'applied' stored on its row.
 _UNCLAIM = (
-    "DELETE FROM processed_messages AS p USING json_to_recordset(CAST(:unclaim AS json))"
+    "DELETE FROM processed_messages AS p USING json_to_recordset(CAST(%(unclaim)s AS json))"
     " AS v(source text, event_id text) WHERE p.source = v.source AND p.event_id = v.event_id"
 )
 _OUTCOMES = (
     "UPDATE processed_messages AS p SET outcome = v.outcome, reason = v.reason,"
-    " duplicate_of = v.duplicate_of FROM json_to_recordset(CAST(:outcomes AS json))"
+    " duplicate_of = v.duplicate_of FROM json_to_recordset(CAST(%(outcomes)s AS json))"
     " AS v(source text, event_id text, outcome text, reason text, duplicate_of text)"
     " WHERE p.source = v.source AND p.event_id = v.event_id"
 )
 # Every copy counted, as processed.count_duplicate counts one: a copy with its row's message id
 # is a redelivery. Grouped first, since an UPDATE changes a row once per statement.
-_COUNT_DUPLICATES = text(
+_COUNT_DUPLICATES = (
     "UPDATE processed_messages AS p SET duplicates = p.duplicates + v.copies,"
     " redeliveries = p.redeliveries"
     "   + (SELECT count(*) FROM unnest(v.message_ids) AS m WHERE m = p.message_id)"
     " FROM (SELECT source, event_id, count(*) AS copies, array_agg(message_id) AS message_ids"
-    "   FROM unnest(CAST(:source AS text[]), CAST(:event_id AS text[]),"
-    "   CAST(:message_id AS text[])) AS c(source, event_id, message_id)"
+    "   FROM unnest(CAST(%(source)s AS text[]), CAST(%(event_id)s AS text[]),"
+    "   CAST(%(message_id)s AS text[])) AS c(source, event_id, message_id)"
     "   GROUP BY source, event_id ORDER BY source, event_id) AS v"
     " WHERE p.source = v.source AND p.event_id = v.event_id"
     " RETURNING p.source, p.event_id, p.payload_hash, p.message_id"
@@ -316,7 +317,8 @@ def _in_transaction(
 def _claim(conn: Connection, firsts: list[_Entry]) -> set[Key]:
     if not firsts:
         return set()
-    rows = conn.execute(
+    rows = execute_raw(
+        conn,
         _CLAIM,
         {
             "rows": json_rows(
@@ -383,15 +385,16 @@ def _count_duplicates(
 ) -> list[Outcome]:
     if not duplicates:
         return []
-    rows = conn.execute(
+    rows = execute_raw(
+        conn,
         _COUNT_DUPLICATES,
         {
             "source": [e.event.source for e in duplicates],
             "event_id": [e.event.id for e in duplicates],
             "message_id": [e.message_id for e in duplicates],
         },
-    ).all()
-    on_record = {(r.source, r.event_id): (r.payload_hash, r.message_id) for r in rows}
+    ).fetchall()
+    on_record = {(source, event_id): (digest, first) for source, event_id, digest, first in rows}
     outcomes = []
     for e in duplicates:
         ev = e.event

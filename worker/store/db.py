@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from psycopg.rows import RowFactory, tuple_row
 from psycopg.types.array import ListBinaryDumper
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from orderonce.config import Settings
@@ -64,3 +66,38 @@ def is_transient(exc: BaseException) -> bool:
 def libpq_url(url: str) -> str:
     """A SQLAlchemy URL as psycopg (libpq) takes it."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def execute_raw(
+    conn: Connection,
+    statement: str,
+    params: Mapping[str, Any],
+    row_factory: RowFactory[Any] = tuple_row,
+) -> psycopg.Cursor[Any]:
+    """Run ``statement`` (psycopg's ``%(name)s`` placeholders) on the connection's psycopg
+    connection, in its current transaction, and return the cursor.
+
+    For the batch protocol's few large statements: SQLAlchemy's statement and result set-up
+    cost about 80 µs of CPU per statement over psycopg's own, inside the transaction that
+    holds the batch's locks. Errors are what ``conn.execute`` raises (a ``DBAPIError``, with
+    ``connection_invalidated`` set and the connection invalidated on a disconnect), so
+    ``is_transient`` and the retries see no difference."""
+    dbapi = conn.connection.dbapi_connection
+    assert isinstance(dbapi, psycopg.Connection)
+    cursor = dbapi.cursor(row_factory=row_factory)
+    try:
+        cursor.execute(statement, params)
+    except psycopg.Error as exc:
+        disconnected = conn.dialect.is_disconnect(exc, dbapi, cursor)
+        wrapped = DBAPIError.instance(
+            statement,
+            params,
+            exc,
+            psycopg.Error,
+            connection_invalidated=disconnected,
+            dialect=conn.dialect,
+        )
+        if disconnected:
+            conn.invalidate(exc)
+        raise wrapped from exc
+    return cursor

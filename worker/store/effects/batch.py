@@ -22,10 +22,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Connection, text
+from psycopg.rows import dict_row
+from sqlalchemy import Connection
 
 from orderonce.errors import BatchRace
 from schemas.events import (
@@ -37,6 +38,7 @@ from schemas.events import (
 from schemas.vocabulary import HELD_AS_SUSPECTED_DUPLICATE, SUSPECTED_DUPLICATE
 from worker.domain import rules, submissions
 from worker.domain.results import Applied, Duplicate, Rejected, Result
+from worker.store.db import execute_raw
 from worker.store.effects import orders, stock
 
 
@@ -73,10 +75,10 @@ class _Order:
 # payment to the single path; overlapping batches otherwise run side by side. All keys are sorted by
 # their hash, in one statement (sorted in a subquery, locked in the outer scan): the same order in
 # every batch, whatever collides.
-_LOCK_KEYS = text(
+_LOCK_KEYS = (
     "SELECT pg_advisory_xact_lock(h) FROM"
     " (SELECT DISTINCT hashtextextended(k, 0) AS h"
-    "  FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS sorted"
+    "  FROM unnest(CAST(%(keys)s AS text[])) AS k ORDER BY h) AS sorted"
 )
 _ORDER_COLUMNS = (
     "order_id, customer_id, status, total, currency, fingerprint, submitted_at,"
@@ -92,31 +94,31 @@ _ORDER_COLUMNS = (
 # slower as the table grew (4 ms at 7,000 orders).
 _PRIORS = (
     f"SELECT {_ORDER_COLUMNS}, false AS locked, NULL::json AS lines FROM orders"
-    " WHERE order_id = ANY(CAST(:order_ids AS text[]))"
+    " WHERE order_id = ANY(CAST(%(order_ids)s AS text[]))"
     f" UNION ALL SELECT {_ORDER_COLUMNS}, false, NULL FROM orders"
     " WHERE (idempotency_source, idempotency_key) IN"
-    "   (SELECT * FROM unnest(CAST(:key_sources AS text[]), CAST(:keys AS text[])))"
+    "   (SELECT * FROM unnest(CAST(%(key_sources)s AS text[]), CAST(%(keys)s AS text[])))"
     "   AND idempotency_key IS NOT NULL"
     f" UNION ALL SELECT {_ORDER_COLUMNS}, false, NULL FROM orders"
-    " WHERE customer_id = ANY(CAST(:customers AS text[]))"
-    " AND fingerprint = ANY(CAST(:fingerprints AS text[]))"
+    " WHERE customer_id = ANY(CAST(%(customers)s AS text[]))"
+    " AND fingerprint = ANY(CAST(%(fingerprints)s AS text[]))"
 )
-_READ_ORDERS = text(
+_READ_ORDERS = (
     f"WITH locked AS (SELECT {_ORDER_COLUMNS}, true AS locked,"
     "   (SELECT json_object_agg(sku, quantity) FROM"
     "     (SELECT sku, sum(quantity) AS quantity FROM order_lines AS l"
     "      WHERE l.order_id = o.order_id GROUP BY sku) AS by_sku) AS lines"
-    " FROM orders AS o WHERE order_id = ANY(CAST(:locked_ids AS text[]))"
+    " FROM orders AS o WHERE order_id = ANY(CAST(%(locked_ids)s AS text[]))"
     " ORDER BY order_id FOR UPDATE OF o)"
     f" SELECT * FROM locked UNION ALL {_PRIORS}"
 )
-_NEW_SKUS = text(
+_NEW_SKUS = (
     "INSERT INTO inventory (sku, on_hand, reserved)"
-    " SELECT s, 0, 0 FROM unnest(CAST(:skus AS text[])) AS s ORDER BY s"
+    " SELECT s, 0, 0 FROM unnest(CAST(%(skus)s AS text[])) AS s ORDER BY s"
     " ON CONFLICT (sku) DO NOTHING"
 )
-_LOCK_STOCK = text(
-    "SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY(CAST(:skus AS text[]))"
+_LOCK_STOCK = (
+    "SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY(CAST(%(skus)s AS text[]))"
     " ORDER BY sku FOR UPDATE"
 )
 _INSERT_ORDERS = (
@@ -125,7 +127,7 @@ _INSERT_ORDERS = (
     " fingerprint, submitted_at, duplicate_of)"
     " SELECT order_id, customer_id, currency, total, status, status_reason, version,"
     " created_by_source, created_by_event, idempotency_source, idempotency_key, fingerprint,"
-    " submitted_at, duplicate_of FROM json_to_recordset(CAST(:orders AS json)) AS v("
+    " submitted_at, duplicate_of FROM json_to_recordset(CAST(%(orders)s AS json)) AS v("
     " order_id text, customer_id text, currency text, total numeric, status text,"
     " status_reason text, version integer, created_by_source text, created_by_event text,"
     " idempotency_source text, idempotency_key text, fingerprint text,"
@@ -135,7 +137,7 @@ _INSERT_ORDERS = (
 _INSERT_LINES = (
     "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price)"
     " SELECT order_id, line_no, sku, quantity, unit_price"
-    " FROM json_to_recordset(CAST(:lines AS json))"
+    " FROM json_to_recordset(CAST(%(lines)s AS json))"
     " AS v(order_id text, line_no integer, sku text, quantity integer, unit_price numeric)"
     # Only lines of orders this statement inserted: on a BatchRace, none (rolled back anyway).
     " WHERE v.order_id IN (SELECT order_id FROM new_orders)"
@@ -143,26 +145,29 @@ _INSERT_LINES = (
 _UPDATE_ORDERS = (
     "UPDATE orders AS o SET status = v.status, status_reason = v.reason,"
     " version = o.version + v.changes, updated_at = now()"
-    " FROM unnest(CAST(:order_id AS text[]), CAST(:status AS text[]),"
-    " CAST(:reason AS text[]), CAST(:changes AS integer[])) AS v(order_id, status, reason, changes)"
+    " FROM unnest(CAST(%(order_id)s AS text[]), CAST(%(status)s AS text[]),"
+    " CAST(%(reason)s AS text[]), CAST(%(changes)s AS integer[]))"
+    " AS v(order_id, status, reason, changes)"
     " WHERE o.order_id = v.order_id"
 )
 _UPDATE_STOCK = (
     "UPDATE inventory AS i SET on_hand = v.on_hand, reserved = v.reserved"
-    " FROM unnest(CAST(:sku AS text[]), CAST(:on_hand AS bigint[]), CAST(:reserved AS bigint[]))"
+    " FROM unnest(CAST(%(sku)s AS text[]), CAST(%(on_hand)s AS bigint[]),"
+    " CAST(%(reserved)s AS bigint[]))"
     " AS v(sku, on_hand, reserved) WHERE i.sku = v.sku"
 )
 _INSERT_MOVEMENTS = (
     "INSERT INTO inventory_movements (source, event_id, sku, kind, order_id, on_hand_delta,"
     " reserved_delta)"
     " SELECT source, event_id, sku, kind, order_id, on_hand_delta, reserved_delta"
-    " FROM json_to_recordset(CAST(:movements AS json)) AS v(source text, event_id text, sku text,"
-    " kind text, order_id text, on_hand_delta bigint, reserved_delta bigint)"
+    " FROM json_to_recordset(CAST(%(movements)s AS json))"
+    " AS v(source text, event_id text, sku text, kind text, order_id text,"
+    " on_hand_delta bigint, reserved_delta bigint)"
 )
 _INSERT_LEDGER = (
     "INSERT INTO ledger_entries (source, event_id, leg, order_id, account, amount, currency)"
     " SELECT source, event_id, leg, order_id, account, amount, currency"
-    " FROM json_to_recordset(CAST(:ledger AS json)) AS v(source text, event_id text, leg text,"
+    " FROM json_to_recordset(CAST(%(ledger)s AS json)) AS v(source text, event_id text, leg text,"
     " order_id text, account text, amount numeric, currency text)"
 )
 
@@ -180,8 +185,7 @@ def _exact(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not a column value")
 
 
-def _order_from_row(r: object) -> _Order:
-    row = r._mapping  # type: ignore[attr-defined]
+def _order_from_row(row: dict[str, Any]) -> _Order:
     key = row["idempotency_key"]
     return _Order(
         order_id=row["order_id"],
@@ -235,12 +239,13 @@ class BatchEffects:
         keys |= {f"orderonce/order/{e.order_id}" for e in created}
         keys |= {f"orderonce/order/{order_id}" for order_id in follow_ups}
         if keys:
-            conn.execute(_LOCK_KEYS, {"keys": sorted(keys)})
+            execute_raw(conn, _LOCK_KEYS, {"keys": sorted(keys)})
         for e in created:
             self._fingerprints[e.key] = submissions.fingerprint(e.data)
         if created or follow_ups:
             keyed = [e for e in created if e.idempotencykey]
-            rows = conn.execute(
+            rows = execute_raw(
+                conn,
                 _READ_ORDERS,
                 {
                     "locked_ids": follow_ups,
@@ -250,11 +255,12 @@ class BatchEffects:
                     "customers": [e.data.customer_id for e in created],
                     "fingerprints": list(self._fingerprints.values()),
                 },
+                row_factory=dict_row,
             )
             for r in rows:
                 order = _order_from_row(r)
-                if r.locked:
-                    order.lines = {sku: int(qty) for sku, qty in (r.lines or {}).items()}
+                if r["locked"]:
+                    order.lines = {sku: int(qty) for sku, qty in (r["lines"] or {}).items()}
                     self._orders[order.order_id] = order
                 else:
                     self._priors[order.order_id] = order
@@ -267,9 +273,9 @@ class BatchEffects:
         for order in self._orders.values():
             skus |= set(order.lines or {})
         if restocked:
-            conn.execute(_NEW_SKUS, {"skus": sorted(restocked)})
+            execute_raw(conn, _NEW_SKUS, {"skus": sorted(restocked)})
         if skus:
-            for sku, on_hand, reserved in conn.execute(_LOCK_STOCK, {"skus": sorted(skus)}):
+            for sku, on_hand, reserved in execute_raw(conn, _LOCK_STOCK, {"skus": sorted(skus)}):
                 self._stock[sku] = rules.Stock(int(on_hand), int(reserved))
         self._stock_before = dict(self._stock)
 
@@ -476,12 +482,9 @@ class BatchEffects:
             params["ledger"] = json_rows(self._ledger)
         if not writes:
             return
-        inserted = self._conn.execute(
-            text(
-                f"WITH {', '.join(writes)} SELECT "
-                + ("(SELECT count(*) FROM new_orders)" if new else "0")
-            ),
-            params,
-        ).scalar_one()
+        statement = f"WITH {', '.join(writes)} SELECT " + (
+            "(SELECT count(*) FROM new_orders)" if new else "0"
+        )
+        (inserted,) = execute_raw(self._conn, statement, params).fetchone() or (0,)
         if new and inserted != len(new):
             raise BatchRace(f"{len(new) - inserted} orders were inserted meanwhile")
