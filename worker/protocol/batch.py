@@ -83,6 +83,7 @@ class _Entry:
     event: CloudEvent
     digest: str
     message_id: str | None
+    key: Key  # the event's (source, id), looked up many times per batch
 
 
 _CLAIM = (
@@ -154,16 +155,18 @@ def process_batch(
                 mid = message_ids[i]
             else:
                 mid = f"{message_id}/{position}" if message_id is not None else None
-            entries.append(_Entry(position, body, admitted, content_hash(admitted), mid))
+            entries.append(
+                _Entry(position, body, admitted, content_hash(admitted), mid, admitted.key)
+            )
     joined = b"\n".join(bodies)  # failpoints match a text anywhere in the batch
     failpoint("before_lock", joined)
-    held, busy = locks.acquire([e.event.key for e in entries])
+    held, busy = locks.acquire([e.key for e in entries])
     handed_back = [
         HandedBack(e.body, "lock_busy", "event lock held by another worker", e.index)
         for e in entries
-        if e.event.key in busy
+        if e.key in busy
     ]
-    entries = [e for e in entries if e.event.key not in busy]
+    entries = [e for e in entries if e.key not in busy]
     try:
         outcomes, more = with_db_retries(config.db_attempts)(
             _commit_batch, engine, entries, refused, config, joined
@@ -274,14 +277,14 @@ def _in_transaction(
     firsts: dict[Key, _Entry] = {}
     copies: list[_Entry] = []
     for e in entries:
-        if e.event.key in firsts:
+        if e.key in firsts:
             copies.append(e)
         else:
-            firsts[e.event.key] = e
+            firsts[e.key] = e
     claimed = _claim(conn, list(firsts.values()))
 
     effects = BatchEffects(conn, policy=config.duplicate_policy, window=config.duplicate_window)
-    to_apply = [e for e in firsts.values() if e.event.key in claimed]
+    to_apply = [e for e in firsts.values() if e.key in claimed]
     effects.load([e.event for e in to_apply])
     handed_back: list[HandedBack] = []
     unclaim: list[_Entry] = []
@@ -302,14 +305,14 @@ def _in_transaction(
 
     # Copies: of events that already had a row, and of events this batch applied. A copy of
     # a handed-back event goes back with it (the single path then finds it a duplicate).
-    back = {e.event.key for e in unclaim}
+    back = {e.key for e in unclaim}
     for e in copies:
-        if e.event.key in back:
+        if e.key in back:
             handed_back.append(
                 HandedBack(e.body, "single_path", "a copy of a handed-back event", e.index)
             )
-    duplicates = [e for e in firsts.values() if e.event.key not in claimed]
-    duplicates += [e for e in copies if e.event.key not in back]
+    duplicates = [e for e in firsts.values() if e.key not in claimed]
+    duplicates += [e for e in copies if e.key not in back]
     outcomes += _count_duplicates(conn, duplicates, handed_back)
     return outcomes, handed_back
 
@@ -336,7 +339,7 @@ def _claim(conn: Connection, firsts: list[_Entry]) -> set[Key]:
             )
         },
     )
-    return {(source, event_id) for source, event_id in rows}
+    return set(rows.fetchall())
 
 
 def _record_outcomes(
@@ -399,13 +402,13 @@ def _count_duplicates(
     for e in duplicates:
         ev = e.event
         order_id = getattr(ev, "subject", None)
-        if ev.key not in on_record:
+        if e.key not in on_record:
             # Only a tombstone is left (the row was pruned): the single path knows that case.
             handed_back.append(
                 HandedBack(e.body, "single_path", "duplicate of a pruned event", e.index)
             )
             continue
-        prior, first_message = on_record[ev.key]
+        prior, first_message = on_record[e.key]
         if not same_content(prior, e.event, e.digest):
             dead_letters.record(
                 conn,

@@ -256,7 +256,7 @@ class BatchEffects:
                     "fingerprints": list(self._fingerprints.values()),
                 },
                 row_factory=dict_row,
-            )
+            ).fetchall()
             for r in rows:
                 order = _order_from_row(r)
                 if r["locked"]:
@@ -275,7 +275,8 @@ class BatchEffects:
         if restocked:
             execute_raw(conn, _NEW_SKUS, {"skus": sorted(restocked)})
         if skus:
-            for sku, on_hand, reserved in execute_raw(conn, _LOCK_STOCK, {"skus": sorted(skus)}):
+            locked = execute_raw(conn, _LOCK_STOCK, {"skus": sorted(skus)}).fetchall()
+            for sku, on_hand, reserved in locked:
                 self._stock[sku] = rules.Stock(int(on_hand), int(reserved))
         self._stock_before = dict(self._stock)
 
