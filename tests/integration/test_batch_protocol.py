@@ -28,7 +28,7 @@ from tests.servers import ServerUrls
 from worker import protocol
 from worker.protocol import failpoints
 from worker.protocol.locks import BatchLocks, EventLocks, lock_client, lock_name
-from worker.store.db import execute_raw
+from worker.store.db import execute_raw, make_engine
 from worker.store.effects import batch as batch_effects
 
 
@@ -389,3 +389,32 @@ def test_the_batch_finds_prior_orders_through_indexes_not_a_scan(db: Engine) -> 
         )
         conn.execute(text("DELETE FROM orders WHERE order_id LIKE 'SCAN-%'"))
     assert "Seq Scan on orders" not in plan, plan
+
+
+def test_statements_that_look_rows_up_by_arrays_are_planned_for_each_batch(
+    servers: ServerUrls, settings: Settings, db: Engine, batch_locks: BatchLocks
+) -> None:
+    # psycopg prepares a statement after five runs, and PostgreSQL then may keep a generic
+    # plan that cannot know the arrays' lengths (worker.store.db.execute_raw). One
+    # connection runs ten batches, each with new orders, follow-ups and copies; its prepared
+    # statements must hold the claim (so this test sees preparing at all) and neither the
+    # order read nor the duplicate count.
+    engine = make_engine(servers.database_url, settings)  # used by one thread: one connection
+    try:
+        _batch([events.restock("SKU-A", 1_000)], engine, batch_locks)
+        earlier: list[CloudEvent] = []
+        for _ in range(10):
+            order = events.uid("ORD")
+            created = events.created(order, [("SKU-A", 1, "2.50")])
+            follow_ups = [events.paid(o.subject or "", "2.50") for o in earlier[-1:]]
+            _batch([created, *follow_ups, *earlier[-2:]], engine, batch_locks)
+            earlier.append(created)
+        assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]  # QueuePool
+        with engine.connect() as conn:
+            prepared = conn.execute(text("SELECT statement FROM pg_prepared_statements"))
+            statements = [s for (s,) in prepared]
+    finally:
+        engine.dispose()
+    assert any(s.startswith("INSERT INTO processed_messages") for s in statements), statements
+    assert not any(s.startswith("WITH locked AS") for s in statements)
+    assert not any("SET duplicates" in s for s in statements)

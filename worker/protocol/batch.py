@@ -396,6 +396,7 @@ def _count_duplicates(
             "event_id": [e.event.id for e in duplicates],
             "message_id": [e.message_id for e in duplicates],
         },
+        prepare=False,  # planned for these arrays (execute_raw)
     ).fetchall()
     on_record = {(source, event_id): (digest, first) for source, event_id, digest, first in rows}
     outcomes = []

@@ -73,9 +73,18 @@ def execute_raw(
     statement: str,
     params: Mapping[str, Any],
     row_factory: RowFactory[Any] = tuple_row,
+    *,
+    prepare: bool | None = None,
 ) -> psycopg.Cursor[Any]:
     """Run ``statement`` (psycopg's ``%(name)s`` placeholders) on the connection's psycopg
     connection, in its current transaction, and return the cursor.
+
+    ``prepare=False`` plans the statement with each execution's values, for statements that
+    look rows up by array parameters (``= ANY(...)``, joins on ``unnest``). psycopg prepares
+    a statement after five runs, and PostgreSQL may then keep a generic plan, which cannot know
+    how long the arrays are: it kept one that scanned whole tables. Planned each time, the
+    batch protocol's order read went from 25 to under 5 ms at p90 and its duplicate count from
+    7 to under 2 ms (20,000 demo events in batches of 100 on a database with history).
 
     For the batch protocol's few large statements: SQLAlchemy's statement and result set-up
     cost about 80 µs of CPU per statement over psycopg's own, inside the transaction that
@@ -86,7 +95,7 @@ def execute_raw(
     assert isinstance(dbapi, psycopg.Connection)
     cursor = dbapi.cursor(row_factory=row_factory)
     try:
-        cursor.execute(statement, params)
+        cursor.execute(statement, params, prepare=prepare)
     except psycopg.Error as exc:
         disconnected = conn.dialect.is_disconnect(exc, dbapi, cursor)
         wrapped = DBAPIError.instance(

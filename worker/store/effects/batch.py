@@ -256,6 +256,7 @@ class BatchEffects:
                     "fingerprints": list(self._fingerprints.values()),
                 },
                 row_factory=dict_row,
+                prepare=False,  # planned for these arrays (execute_raw)
             ).fetchall()
             for r in rows:
                 order = _order_from_row(r)
