@@ -71,8 +71,8 @@ def _read_fast(body: bytes) -> Any:
     decides, with its reason). jiter refuses what _DECODER refuses (invalid UTF-8, NaN and
     Infinity, duplicate keys, control characters, integer literals past 4,300 digits as
     Python's default limit) and also lone surrogate escapes, which Python's json reads.
-    tests/unit/test_strict_json_reading.py holds the two to the same values. About a quarter
-    of the CPU of the Python path on a demo event (1.2 against 4.3 µs)."""
+    tests/unit/test_strict_json_reading.py holds the two to the same values. On a demo event
+    body: 1.9 µs against 3.4 µs for the Python path."""
     return jiter.from_json(body, allow_inf_nan=False, catch_duplicate_keys=True, cache_mode="keys")
 
 

@@ -34,6 +34,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from sqlalchemy import Connection, Engine
@@ -83,7 +84,11 @@ class _Entry:
     event: CloudEvent
     digest: str
     message_id: str | None
-    key: Key  # the event's (source, id), looked up many times per batch
+
+    @cached_property
+    def key(self) -> Key:
+        """The event's (source, id), looked up many times per batch: read once."""
+        return self.event.key
 
 
 _CLAIM = (
@@ -155,9 +160,7 @@ def process_batch(
                 mid = message_ids[i]
             else:
                 mid = f"{message_id}/{position}" if message_id is not None else None
-            entries.append(
-                _Entry(position, body, admitted, content_hash(admitted), mid, admitted.key)
-            )
+            entries.append(_Entry(position, body, admitted, content_hash(admitted), mid))
     joined = b"\n".join(bodies)  # failpoints match a text anywhere in the batch
     failpoint("before_lock", joined)
     held, busy = locks.acquire([e.key for e in entries])

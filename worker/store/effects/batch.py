@@ -487,6 +487,7 @@ class BatchEffects:
         statement = f"WITH {', '.join(writes)} SELECT " + (
             "(SELECT count(*) FROM new_orders)" if new else "0"
         )
-        (inserted,) = execute_raw(self._conn, statement, params).fetchone() or (0,)
-        if new and inserted != len(new):
-            raise BatchRace(f"{len(new) - inserted} orders were inserted meanwhile")
+        row = execute_raw(self._conn, statement, params).fetchone()
+        assert row is not None  # the statement's SELECT returns one row
+        if new and row[0] != len(new):
+            raise BatchRace(f"{len(new) - row[0]} orders were inserted meanwhile")
