@@ -23,6 +23,20 @@ def wait_until(check: Callable[[], T], timeout: float, what: str) -> T:
         raise AssertionError(str(exc)) from None
 
 
+def wait_exited(workers: Sequence[WorkerProcess], timeout: float, what: str) -> None:
+    """Wait for every worker's main process to exit; on a timeout the failure names those still
+    running, their pool processes and the end of their logs (a hung shutdown says where)."""
+    try:
+        _wait_until(lambda: not any(w.alive() for w in workers), timeout, what)
+    except TimeoutError as exc:
+        report = [str(exc)]
+        for w in workers:
+            if w.alive():
+                report.append(f"--- {w.name} (pid {w.proc.pid}, children {w.children()}) log tail:")
+                report.append(w.text()[-3000:])
+        raise AssertionError("\n".join(report)) from None
+
+
 class WorkerFactory:
     def __init__(self, env: dict[str, str], tmp: Path) -> None:
         self._env = env
@@ -37,13 +51,14 @@ class WorkerFactory:
         concurrency: int = 1,
         ready: bool = True,
         args: Sequence[str] = (),
+        entry: Sequence[str] = ("-m", "orderonce"),
         **env: str,
     ) -> WorkerProcess:
         """Start ``orderonce worker`` with extra CLI ``args`` and extra ``env`` variables."""
         full_env = {**os.environ, **self._env, **env}
         n = len(self.started)
         worker = WorkerProcess(
-            f"{name}{n}", full_env, self._tmp / f"{name}{n}.log", pool, concurrency, args
+            f"{name}{n}", full_env, self._tmp / f"{name}{n}.log", pool, concurrency, args, entry
         )
         self.started.append(worker)
         if ready:

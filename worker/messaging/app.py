@@ -7,16 +7,13 @@ Redis client on first use (worker/messaging/runtime.py).
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
 from celery import Celery, signals
-from celery.concurrency.solo import TaskPool as SoloPool
 
 from orderonce.config import Settings, Urls
 from orderonce.heap import freeze_startup_heap
-from worker.messaging import tasks
+from worker.messaging import cold_shutdown, tasks
 from worker.messaging.amqp_ingest import AmqpIngest
 from worker.messaging.broker import check_celery_safety, make_celery
 from worker.messaging.event_loop_tick import EventLoopTick
@@ -39,8 +36,9 @@ def create_app(settings: Settings, urls: Urls) -> Celery:
     app.orderonce_runtimes = Runtimes(settings, urls)
     tasks.register(app)
     metrics.install_celery_hooks()
+    app.steps["consumer"].add(cold_shutdown.PreforkColdShutdownFromTheLoop)
     signals.worker_ready.connect(
-        _solo_cold_shutdown_exits_at_once, weak=False, dispatch_uid="orderonce.solo_cold"
+        cold_shutdown.solo_exits_at_once, weak=False, dispatch_uid="orderonce.solo_cold"
     )
     # The process that runs tasks: the worker itself (solo, each consumer of the default
     # pool), or each prefork child.
@@ -51,18 +49,3 @@ def create_app(settings: Settings, urls: Urls) -> Celery:
 
 def _freeze(**_: Any) -> None:
     freeze_startup_heap()
-
-
-def _solo_cold_shutdown_exits_at_once(sender: Any, **_: Any) -> None:
-    """A solo worker told to stop cold (SIGQUIT, Ctrl+C) exits at once, acking nothing.
-
-    Celery's own cold shutdown cancels the active requests through the pool, and the solo pool
-    cannot: it raises NotImplementedError from the signal handler, inside the running task.
-    Landing outside our task body (between Celery's own steps), that error fails the task and
-    Celery acks the failed message: an event lost without an outcome. Seen once in the
-    shutdown test on RabbitMQ. Exiting is what a cold shutdown means anyway: in-flight work
-    is abandoned and the broker hands it out again.
-    """
-    if isinstance(getattr(sender, "pool", None), SoloPool):
-        for sig in (signal.SIGQUIT, signal.SIGINT):
-            signal.signal(sig, lambda *_: os._exit(1))
