@@ -31,7 +31,7 @@ from bench import cpu
 from orderonce.config import Settings
 from orderonce.dev.demo import count_run
 from orderonce.dev.demo_stream import DemoStream, build_stream
-from orderonce.dev.processes import WorkerProcess
+from orderonce.dev.processes import WorkerProcess, wait_until
 from orderonce.dev.sandboxes import fresh_database
 from worker import protocol
 from worker.protocol.locks import BatchLocks
@@ -269,6 +269,29 @@ def handled(engine: Engine, stream: DemoStream) -> int:
     """Deliveries with an outcome: processed rows plus the copies counted on them."""
     counts = count_run(engine, stream)
     return counts["settled"] + counts["duplicates"]
+
+
+def wait_drained(
+    engine: Engine,
+    stream: DemoStream,
+    target: int,
+    r: redis.Redis,
+    what: str = "the drain",
+    timeout: float = DRAIN_TIMEOUT_S,
+) -> None:
+    """Until ``target`` deliveries of ``stream`` have an outcome, checked every 10 ms. The
+    database is asked only once the broker holds nothing (``QUEUE`` empty, nothing unacked:
+    orderonce acks a message after its outcome commits). Its count is a sequential scan of
+    processed_messages (9 ms of PostgreSQL's CPU at 36,000 rows here), and asked every 0.1 s
+    through a drain it took about 5% of a 2-core machine from the workers and added it to
+    PostgreSQL's CPU per event; the plain Celery drain is timed from Redis alone too."""
+
+    def done() -> bool:
+        if r.llen(QUEUE) or r.hlen("unacked"):
+            return False
+        return handled(engine, stream) >= target
+
+    wait_until(done, timeout, what, 0.01)
 
 
 def task_times(logs: list[str]) -> dict[str, float]:

@@ -38,6 +38,7 @@ from bench.harness import (
     send_paced,
     stash,
     task_times,
+    wait_drained,
     worker_env,
 )
 from orderonce.config import Settings
@@ -148,8 +149,7 @@ def orderonce_stream(
         before = redis_calls(r)
         started = time.perf_counter()
         r.rename(stash(QUEUE), QUEUE)
-        # Polled every 0.1 s: the query costs CPU that the workers share on a small machine.
-        wait_until(lambda: handled(engine, drain) >= target, DRAIN_TIMEOUT_S, "the drain", 0.1)
+        wait_drained(engine, drain, target, r)
         seconds = time.perf_counter() - started
         redis_per_event = per_event(before, redis_calls(r), len(drain.publications))
         rate = 0.5 * len(drain.publications) / seconds
@@ -172,7 +172,7 @@ def orderonce_stream(
         with CommitListener(database_url) as commits:
             send_paced(count, rate, send)
             target = len(paced.restocks) + count
-            wait_until(lambda: handled(engine, paced) >= target, 120, "the paced events", 0.05)
+            wait_drained(engine, paced, target, r, "the paced events", 120)
         # A trickle: 10 events/s, each alone on the broker when it arrives.
         trickle = demo_stream(f"T{tag}", opts.trickle_events, seed)
         for p in trickle.restocks:
@@ -190,7 +190,7 @@ def orderonce_stream(
         with CommitListener(database_url) as trickle_commits:
             send_paced(opts.trickle_events, 10.0, send_trickle)
             target = len(trickle.restocks) + opts.trickle_events
-            wait_until(lambda: handled(engine, trickle) >= target, 60, "the trickle", 0.05)
+            wait_drained(engine, trickle, target, r, "the trickle", 60)
         rss = sampler.finish()
     with engine.connect() as conn:
         rows = conn.execute(
@@ -282,7 +282,7 @@ def orderonce_batch(
         cpu_before = cpu.read(pids, postmaster, r)
         started = time.perf_counter()
         r.rename(stash(QUEUE), QUEUE)
-        wait_until(lambda: handled(engine, drain) >= target, DRAIN_TIMEOUT_S, "the drain", 0.1)
+        wait_drained(engine, drain, target, r)
         seconds = time.perf_counter() - started
         cpu_split = cpu.per_event(
             cpu_before, cpu.read(pids, postmaster, r), len(drain.publications)
@@ -316,7 +316,7 @@ def orderonce_batch(
                     publisher.publish_raw_batch(chunk)
                 sent = upto
             target = len(paced.restocks) + count
-            wait_until(lambda: handled(engine, paced) >= target, 120, "the paced events", 0.05)
+            wait_drained(engine, paced, target, r, "the paced events", 120)
         rss = sampler.finish()
     with engine.connect() as conn:
         checks = reports.verify(conn)
