@@ -301,6 +301,19 @@ def _n(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 
+def _machine_speed(results: dict[str, Any]) -> str:
+    """The machine's speed in this run, by which runs compare: the same VM type has run the
+    same code at half the speed in another run."""
+    alone = results.get("batch_protocol_alone")
+    if not alone:
+        return ""
+    return (
+        f" This machine's speed in the run: the batch protocol alone (one thread, no Celery) used"
+        f" {alone['cpu_us_per_event']:.0f} µs of CPU per event, and PostgreSQL"
+        f" {alone['server_cpu_us_per_event']:.0f} µs."
+    )
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The results table of docs/performance.md, rendered from one run's JSON."""
     m, o, s, st = results["machine"], results["options"], results["summary"], results["stamp"]
@@ -310,7 +323,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         f" {m['postgres']['server_version'].split()[0]} (fsync {m['postgres']['fsync']}),"
         f" Redis {m['redis_server']}, {m['servers']} servers. Medians of {o['runs']} runs;"
         f" events/s drain a pre-filled queue; p99 from publish to commit at half the drain"
-        f" rate; RSS: the largest single process. Raw results: `bench/results/{results['file']}`.",
+        f" rate; RSS: the largest single process. Raw results: `bench/results/{results['file']}`."
+        + _machine_speed(results),
         "",
         "| workers | (a) Celery no-op, prefork | (a') Celery no-op, N solo"
         " | (b) `orderonce worker` | (b') batch | (b'') `--pool prefork` | (c) DB commits/s"

@@ -52,7 +52,10 @@ class PreforkColdShutdownFromTheLoop(bootsteps.StartStopStep):  # type: ignore[m
     loop is on the interrupted stack, the handler only writes a byte to a pipe the loop
     watches, and the loop runs Celery's handler between two of its callbacks. Anywhere else
     (starting, a warm shutdown under way) Celery's handler runs at once, as before; once it has
-    run, a further SIGQUIT is Celery's (it installs its own "hard" handlers).
+    run, a further SIGQUIT is Celery's (it installs its own "hard" handlers). One gap: a
+    SIGQUIT in the same turn of the loop as a SIGTERM the loop has not acted on yet may not
+    be read before the loop leaves for the warm shutdown; that shutdown finishes the events in
+    hand and exits, and a further SIGQUIT reaches Celery's handler.
 
     Setting Celery's terminate flag from the handler instead (the loop raises WorkerTerminate)
     was tried and is worse: that path terminates the pool processes without reading their
