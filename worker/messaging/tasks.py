@@ -101,7 +101,14 @@ def _handle(
         )
     except LockBusy as busy:
         metrics.observe_lock_busy()
-        raise retry.later(task, RetryCause.LOCK_BUSY, retry.lock_busy_countdown(task)) from busy
+        countdown = retry.lock_busy_countdown(task)
+        # Said, so that an event that waits on a lock for long shows in the log (chaos runs).
+        log.info(
+            "event lock busy, trying again in %.2f s",
+            countdown,
+            extra={"event_id": busy.event_id, "order_id": busy.order_id},
+        )
+        raise retry.later(task, RetryCause.LOCK_BUSY, countdown) from busy
     except NotYetApplicable as early:
         tried = attempts.get(RetryCause.TOO_EARLY, 0)
         if tried >= s.too_early_max_retries:
@@ -116,6 +123,14 @@ def _handle(
                 subject=early.order_id,
             )
         countdown = retry.too_early_countdown(task, tried)
+        log.info(
+            "%s: trying again in %.2f s (retry %d of %d)",
+            early,
+            countdown,
+            tried + 1,
+            s.too_early_max_retries,
+            extra={"event_id": early.event_id, "order_id": early.order_id},
+        )
         raise retry.later(task, RetryCause.TOO_EARLY, countdown) from early
     except Exception as exc:
         if is_transient(exc):
