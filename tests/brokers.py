@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import Engine
 
 from orderonce.config import Settings
-from orderonce.dev.sandboxes import connect
+from orderonce.dev.sandboxes import connect, redis_broker_holds_nothing
 from producers import Publisher
 from producers.relay import RelayPass, relay_once
 
@@ -70,6 +70,6 @@ def redis_holds_nothing(url: str, queue: str) -> bool:
     is no duplicate."""
     client = redis.Redis.from_url(url)
     try:
-        return client.llen(queue) == 0 and client.hlen("unacked") == 0
+        return redis_broker_holds_nothing(client, queue)
     finally:
         client.close()

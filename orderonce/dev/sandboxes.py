@@ -71,6 +71,13 @@ def empty_redis_db(server_url: str) -> Iterator[str]:
         client.close()
 
 
+def redis_broker_holds_nothing(client: redis.Redis, queue: str) -> bool:
+    """No message left in a Redis broker: the queue is empty and none is unacked (kombu's
+    ``unacked`` hash holds what workers have taken and not yet acked; orderonce acks only after
+    an event's outcome commits)."""
+    return client.llen(queue) == 0 and client.hlen("unacked") == 0
+
+
 def listening(url: str, timeout_s: float = 1.0) -> bool:
     parts = urlsplit(url)
     try:
