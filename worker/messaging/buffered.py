@@ -116,8 +116,8 @@ def plain_event(message: Any) -> Buffered | None:
 def decoded_body(message: Any) -> Any:
     """``message.decode()``, as kombu returns and caches it, for less CPU: a JSON body that
     the consumer accepts and that holds no kombu-typed value (``__type__``, the only thing
-    kombu's object hook reads) is parsed by orjson (worker/messaging/fast_json.py) and cached
-    on the message as kombu caches its own decode (Celery reads that cache). What orjson
+    kombu's object hook reads) is parsed by jiter (worker/messaging/fast_json.py) and cached
+    on the message as kombu caches its own decode (Celery reads that cache). What jiter
     cannot read as Python's json does is decoded by kombu: same result, same errors."""
     cached = message._decoded_cache
     if cached:
