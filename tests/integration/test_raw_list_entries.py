@@ -137,3 +137,40 @@ def test_any_bytes_on_the_list_are_kept(
     wanted = {_sha(e) for e in entries}
     wait_until(lambda: wanted <= set(_dead(db)), 30, "every entry kept as a dead letter")
     assert workers.started[0].alive()
+
+
+def test_entries_in_any_key_order_are_applied_once_and_acked(
+    db: Engine, workers: WorkerFactory, servers: ServerUrls, settings: Settings
+) -> None:
+    # The transport reads a message's delivery tag from the entry's tail, where kombu writes
+    # it. An entry with its properties elsewhere is read whole; one whose tail names another
+    # tag (in a header) is acked by the tag it was recorded under. Each is applied once.
+    worker = workers.start()
+    entries = []
+    for sku, tail_header in (("SKU-FIRST", None), ("SKU-TAIL", "not-its-tag")):
+        task_body = json.dumps([[to_json(events.restock(sku, 1))], {}, {}])
+        message = json.loads(envelope(task_body, settings))
+        headers = message.pop("headers")
+        properties = message.pop("properties")
+        if tail_header is None:  # properties first, headers last: the tail has no tag
+            message = {"properties": properties, **message, "headers": headers}
+        else:  # properties, then headers with a delivery_tag of their own: the tail's
+            message = {**message, "properties": properties}
+            message["headers"] = {**headers, "delivery_tag": tail_header}
+        entries.append(json.dumps(message).encode())
+    assert entries[1].endswith(b'"delivery_tag": "not-its-tag"}}')
+    client = redis.Redis.from_url(servers.redis_url)
+    try:
+        for entry in entries:
+            client.lpush(settings.queue, entry)
+        wait_until(
+            lambda: _count(db, "SELECT count(*) FROM inventory WHERE sku LIKE 'SKU-%'") == 2,
+            30,
+            "both events",
+        )
+        wait_until(lambda: client.hlen("unacked") == 0, 10, "both entries acked")
+    finally:
+        client.close()
+    assert _count(db, "SELECT count(*) FROM processed_messages") == 2
+    assert _dead(db) == {}
+    assert worker.alive()
