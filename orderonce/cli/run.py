@@ -16,7 +16,12 @@ DEFAULT_BUFFER = 100  # events per transaction in the buffered pool, unless told
 
 def worker(
     concurrency: Annotated[
-        int | None, typer.Option(help="Worker processes (default: one per core).", min=1)
+        int | None,
+        typer.Option(
+            help="Worker processes (default: one per CPU this process may use: its affinity, "
+            "capped by a container's CPU limit).",
+            min=1,
+        ),
     ] = None,
     pool: Annotated[
         str,
@@ -50,10 +55,9 @@ def worker(
     ] = None,
 ) -> None:
     """Run the workers that apply events exactly once."""
-    import os
-
     from orderonce import logs
     from orderonce.config import settings
+    from orderonce.cpus import usable_cpus
 
     if pool not in POOLS:
         console.print(f"[red]--pool must be one of {', '.join(POOLS)}[/]")
@@ -62,7 +66,7 @@ def worker(
     if queue is not None:
         # One order's events in sequence: one message at a time, in one process.
         pool, concurrency = "solo", 1
-    concurrency = concurrency or os.cpu_count() or 1
+    concurrency = concurrency or usable_cpus()
     logs.configure(loglevel)
     servers = urls()
     if pool == "buffered":

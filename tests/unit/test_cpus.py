@@ -1,0 +1,64 @@
+"""orderonce/cpus.py: the default number of worker processes is the CPUs this process may use,
+not the host's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orderonce.cpus import cpu_limit, usable_cpus
+
+
+def _cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "200000 100000"}, 2.0),  # cgroup v2, docker --cpus 2
+        ({"cpu.max": "150000 100000"}, 1.5),
+        ({"cpu.max": "max 100000"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 0.5),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),  # no cgroup files: not Linux, or no cpu controller
+    ],
+)
+def test_the_cgroup_cpu_limit_is_read_from_either_version(
+    tmp_path: Path, files: dict[str, str], limit: float | None
+) -> None:
+    assert cpu_limit(_cgroup(tmp_path, files)) == limit
+
+
+def test_a_cpu_limit_caps_the_count_rounded_up(tmp_path: Path) -> None:
+    own = len(os.sched_getaffinity(0))
+    assert usable_cpus(_cgroup(tmp_path / "none", {})) == own
+    assert usable_cpus(_cgroup(tmp_path / "half", {"cpu.max": "50000 100000"})) == 1
+    big = _cgroup(tmp_path / "big", {"cpu.max": f"{(own + 8) * 100000} 100000"})
+    assert usable_cpus(big) == own  # a limit above the CPUs the process has changes nothing
+
+
+def test_a_process_pinned_to_one_cpu_counts_one() -> None:
+    # A real affinity mask (taskset -c 0, a cpuset), set on a real process.
+    pinned = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+            " from orderonce.cpus import usable_cpus; print(usable_cpus(), os.cpu_count())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counted, host = pinned.stdout.split()
+    assert counted == "1"
+    assert host == str(os.cpu_count())  # what the default was before
