@@ -7,8 +7,8 @@ cores). So the count is the CPU affinity (taskset, cpusets) capped by the CPU ba
 of the process's cgroup and those above it (a container's ``--cpus``, a Kubernetes CPU limit,
 a systemd ``CPUQuota=``), rounded up.
 
-(loky's ``cpu_count`` does the same, but would bring cloudpickle and a process executor for
-this one function.)
+(loky's ``cpu_count`` reads a container's limit the same way, not a cgroup's below the mount
+such as a systemd service's, and would bring cloudpickle and a process executor with it.)
 """
 
 from __future__ import annotations
