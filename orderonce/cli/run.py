@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -66,10 +67,18 @@ def worker(
     if queue is not None:
         # One order's events in sequence: one message at a time, in one process.
         pool, concurrency = "solo", 1
-    concurrency = concurrency or usable_cpus()
+    cpus = usable_cpus()
+    concurrency = concurrency or cpus
     logs.configure(loglevel)
     servers = urls()
     if pool == "buffered":
+        if concurrency > cpus:
+            logging.getLogger(__name__).warning(
+                "%d consumer processes on %d CPUs: more consumers than CPUs drain slower, not"
+                " faster (docs/performance.md); the default is one per CPU",
+                concurrency,
+                cpus,
+            )
         size = buffered or settings().buffered or DEFAULT_BUFFER
         _use_buffer(size)  # refused here, not by each consumer it would start
         _supervise(concurrency, size, name, loglevel, metrics_port, servers.database_url)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 from sqlalchemy import Engine
 
 from producers import Publisher
@@ -87,3 +88,38 @@ def test_settings_a_consumer_would_refuse_stop_the_pool_before_it_starts(
     assert worker.proc.returncode == 2
     assert "refusing to start" in worker.text() and "buffered" in worker.text()
     assert "supervising" not in worker.text()
+
+
+# ``orderonce worker`` in a process that may use one CPU (taskset -c 0, a cpuset): the
+# affinity is set on the real process before the CLI runs, and its consumers inherit it.
+_ON_ONE_CPU = (
+    "-c",
+    "import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+    " sys.argv[0] = 'orderonce'; runpy.run_module('orderonce', run_name='__main__')",
+)
+# The same, with no --concurrency: the default decides.
+_ON_ONE_CPU_BY_DEFAULT = (
+    "-c",
+    _ON_ONE_CPU[1].replace(
+        "sys.argv[0] = 'orderonce';",
+        "sys.argv = ['orderonce'] + [a for a in sys.argv[1:] if '--concurrency' not in a];",
+    ),
+)
+
+
+def test_the_default_pool_has_one_consumer_per_cpu_the_process_may_use(
+    workers: WorkerFactory,
+) -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: the host's count and the process's are the same")
+    worker = workers.start(pool="buffered", concurrency=1, entry=_ON_ONE_CPU_BY_DEFAULT)
+    assert "supervising 1 worker processes" in worker.text()
+    assert "more consumers than CPUs" not in worker.text()
+
+
+def test_the_pool_warns_of_more_consumers_than_cpus(workers: WorkerFactory) -> None:
+    worker = workers.start(pool="buffered", concurrency=2, entry=_ON_ONE_CPU)
+    assert "supervising 2 worker processes" in worker.text()
+    assert "2 consumer processes on 1 CPUs: more consumers than CPUs drain slower" in (
+        worker.text()
+    )
