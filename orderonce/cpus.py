@@ -51,7 +51,10 @@ def _cgroup_path(root: Path, membership: str) -> list[tuple[Path, int]]:
     """The process's cgroup directories with the cpu controller, from its own to the root:
     cgroup v2 (``0::/path``) or v1 (``N:cpu,cpuacct:/path``)."""
     for line in membership.splitlines():
-        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         if controllers == "" and (root / "cgroup.controllers").exists():  # a v2 mount
             base, version = root, 2
         elif "cpu" in controllers.split(","):

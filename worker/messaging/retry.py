@@ -22,7 +22,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 
 from schemas.vocabulary import RetryCause
-from worker.messaging.broker import argument_summary, retry_countdown
+from worker.messaging.broker import retry_countdown
 from worker.messaging.runtime import runtime_of
 from worker.ops import metrics
 from worker.protocol import with_db_retries
@@ -66,7 +66,6 @@ def later(task: Task, cause: RetryCause, countdown: float) -> Retry:
         return task.retry(
             countdown=retry_countdown(str(task.app.conf.broker_url), countdown),
             headers={ATTEMPTS_HEADER: carried},
-            **argument_summary(task.request.args[0] if task.request.args else None),
         )
     except Retry as retry:
         return retry

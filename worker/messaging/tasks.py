@@ -18,7 +18,7 @@ from schemas.parsing import as_bytes
 from schemas.vocabulary import DeadLetterReason, OutcomeKind, RetryCause
 from worker import protocol
 from worker.messaging import retry
-from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME, argument_summary, retry_countdown
+from worker.messaging.broker import BATCH_TASK_NAME, TASK_NAME, retry_countdown
 from worker.messaging.routing import ordering_key, queue_for_key
 from worker.messaging.runtime import runtime_of
 from worker.ops import metrics
@@ -242,7 +242,6 @@ def hand_to_single_path(
             if countdown is None
             else retry_countdown(str(app.conf.broker_url), countdown),
             headers=retry.headers_for(cause),
-            **argument_summary(text_body),
         )
     except Exception as exc:  # the broker refused: keep the whole batch instead
         log.warning("could not hand an event to the single path (%s); requeueing the batch", exc)
