@@ -5,12 +5,14 @@ mode, (c) the database's ceiling for orderonce's transaction, and orderonce's pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import random
 import statistics
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 
 import psycopg
 import redis
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
 
 from bench import cpu, noop_app
 from bench.harness import (
@@ -31,11 +33,12 @@ from bench.harness import (
     handed_back,
     handled,
     per_event,
+    prebuilt,
+    push_paced,
     quantiles,
     redis_calls,
     restamped,
     running,
-    send_paced,
     stash,
     task_times,
     wait_drained,
@@ -43,6 +46,7 @@ from bench.harness import (
 )
 from orderonce.config import Settings
 from orderonce.dev.demo import count_run
+from orderonce.dev.demo_stream import DemoStream
 from orderonce.dev.processes import WorkerProcess, wait_until
 from producers import Publisher
 from worker import protocol
@@ -93,10 +97,23 @@ def plain_celery(
 
         rate = 0.5 * events / seconds
         paced = max(50, round(rate * latency_seconds))
-        send_paced(paced, rate, lambda _: send(paced_key))
+
+        @contextlib.contextmanager
+        def no_op_tasks(url: str) -> Iterator[Callable[[int], None]]:
+            # Task i's "published" argument is its index: it is due at start + i / rate.
+            scratch = make_celery(url, Settings(queue=queue))
+            yield lambda i: scratch.send_task(
+                noop_app.TASK_NAME, args=[i, paced_key], queue=queue, retry=False
+            )
+            scratch.close()
+
+        start = push_paced(r, queue, prebuilt(redis_url, queue, no_op_tasks, paced), rate)
         wait_until(lambda: r.llen(paced_key) >= paced, 60, "the paced no-op tasks", 0.01)
         rss = sampler.finish()
-    samples = [float(s) - float(p) for p, s in (x.split() for x in r.lrange(paced_key, 0, -1))]
+    samples = [
+        float(s) - (start + float(i) / rate)
+        for i, s in (x.split() for x in r.lrange(paced_key, 0, -1))
+    ]
     r.delete(queue, stash(queue), drain_key, paced_key)
     app.close()
     r.close()
@@ -159,20 +176,7 @@ def orderonce_stream(
         for p in paced.restocks:
             publisher.publish_raw(p.body)
         wait_until(lambda: handled(engine, paced) >= len(paced.restocks), 60, "the restocks", 0.05)
-        bodies: dict[tuple[str, str], str] = {}  # a copy must be the very same event
-        published: dict[tuple[str, str], float] = {}
-
-        def send(i: int) -> None:
-            p = paced.publications[i]
-            if p.key not in bodies:
-                published[p.key] = time.time()
-                bodies[p.key] = restamped(p.body, published[p.key])
-            publisher.publish_raw(bodies[p.key])
-
-        with CommitListener(database_url) as commits:
-            send_paced(count, rate, send)
-            target = len(paced.restocks) + count
-            wait_drained(engine, paced, target, r, "the paced events", 120)
+        published, seen = _paced(r, redis_url, database_url, engine, paced, count, rate)
         # A trickle: 10 events/s, each alone on the broker when it arrives.
         trickle = demo_stream(f"T{tag}", opts.trickle_events, seed)
         for p in trickle.restocks:
@@ -180,17 +184,9 @@ def orderonce_stream(
         wait_until(
             lambda: handled(engine, trickle) >= len(trickle.restocks), 60, "the restocks", 0.05
         )
-        trickled: dict[tuple[str, str], float] = {}
-
-        def send_trickle(i: int) -> None:
-            p = trickle.publications[i]
-            trickled.setdefault(p.key, time.time())
-            publisher.publish_raw(restamped(p.body, trickled[p.key]))
-
-        with CommitListener(database_url) as trickle_commits:
-            send_paced(opts.trickle_events, 10.0, send_trickle)
-            target = len(trickle.restocks) + opts.trickle_events
-            wait_drained(engine, trickle, target, r, "the trickle", 60)
+        trickled, trickle_seen = _paced(
+            r, redis_url, database_url, engine, trickle, opts.trickle_events, 10.0
+        )
         rss = sampler.finish()
     with engine.connect() as conn:
         rows = conn.execute(
@@ -204,10 +200,8 @@ def orderonce_stream(
         dead = conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one()
     in_worker = task_times([w.text() for w in workers])
     to_start = [float(at) - published[(s, e)] for s, e, at in rows if (s, e) in published]
-    to_commit = [at - published[key] for key, at in commits.seen.items() if key in published]
-    trickle_to_commit = [
-        at - trickled[key] for key, at in trickle_commits.seen.items() if key in trickled
-    ]
+    to_commit = [at - published[key] for key, at in seen.items() if key in published]
+    trickle_to_commit = [at - trickled[key] for key, at in trickle_seen.items() if key in trickled]
     counts = count_run(engine, drain)
     publisher.close()
     engine.dispose()
@@ -242,6 +236,47 @@ def orderonce_stream(
 
 def _batches(bodies: list[str], size: int) -> list[list[str]]:
     return [bodies[i : i + size] for i in range(0, len(bodies), size)]
+
+
+def _publishing(
+    bodies: list[str],
+) -> Callable[[str], contextlib.AbstractContextManager[Callable[[int], None]]]:
+    """``prebuilt``'s publisher for these event bodies: orderonce's Publisher, as in a drain."""
+
+    @contextlib.contextmanager
+    def publisher(url: str) -> Iterator[Callable[[int], None]]:
+        scratch = Publisher(url, Settings(queue=QUEUE))
+        yield lambda i: scratch.publish_raw(bodies[i])
+        scratch.close()
+
+    return publisher
+
+
+def _paced(
+    r: redis.Redis,
+    redis_url: str,
+    database_url: str,
+    engine: Engine,
+    stream: DemoStream,
+    count: int,
+    rate: float,
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """The stream's first ``count`` messages (built ahead) pushed at ``rate``, and their
+    outcomes waited for: when each event was first due (a copy is the same event), and when
+    its transaction committed."""
+    publications = stream.publications[:count]
+    bodies: dict[tuple[str, str], str] = {}  # a copy must be the very same event
+    for p in publications:
+        bodies.setdefault(p.key, restamped(p.body, time.time()))
+    entries = prebuilt(redis_url, QUEUE, _publishing([bodies[p.key] for p in publications]), count)
+    with CommitListener(database_url) as commits:
+        start = push_paced(r, QUEUE, entries, rate)
+        target = len(stream.restocks) + count
+        wait_drained(engine, stream, target, r, "the paced events", 120)
+    due: dict[tuple[str, str], float] = {}
+    for i, p in enumerate(publications):
+        due.setdefault(p.key, start + i / rate)
+    return due, commits.seen
 
 
 def orderonce_batch(
