@@ -219,7 +219,7 @@ def print_results(results: dict[str, Any]) -> None:
         steps = ", ".join(f"{n}: {x:.2f}x" for n, x in scaling[system].items())
         print(f"  scaling {name.split(',')[0]}: {steps}")
     print(
-        "  latency: publish to work started (a) / committed (b), at a steady load of half each"
+        "  latency: due to work started (a) / committed (b), at a steady load of half each"
         " one's own drain rate; (c): one transaction. RSS: largest single process."
     )
     print(
@@ -322,7 +322,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f" ({m['cpu']}), Python {m['python']}, Celery {m['celery']}, PostgreSQL"
         f" {m['postgres']['server_version'].split()[0]} (fsync {m['postgres']['fsync']}),"
         f" Redis {m['redis_server']}, {m['servers']} servers. Medians of {o['runs']} runs;"
-        f" events/s drain a pre-filled queue; p99 from publish to commit at half the drain"
+        f" events/s drain a pre-filled queue; p99 from due time to commit at half the drain"
         f" rate; RSS: the largest single process. Raw results: `bench/results/{results['file']}`."
         + _machine_speed(results),
         "",
