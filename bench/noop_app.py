@@ -4,9 +4,11 @@ The app is made by ``worker.messaging.broker.make_celery`` (JSON only, late acks
 lost, prefetch 1, the same transport options) with its own queue, so the only differences from
 an orderonce worker are the task and, unless ``BENCH_NOOP_TRANSPORT=orderonce``, kombu's own
 Redis transport (see below). The task does one thing: it appends ``"<published> <started>"``
-(Unix times) to a Redis list named in its arguments, one RPUSH, so the benchmark can count
-completions and compute end-to-end latency. Run by ``bench.throughput`` as
-``celery -A bench.noop_app worker --pool=solo`` with ``BENCH_BROKER_URL`` set.
+to a Redis list named in its arguments, one RPUSH, so the benchmark can count completions and
+compute end-to-end latency (``started`` is a Unix time; ``published`` is what the sender gave:
+the paced phase gives each task's index, from which its due time follows). Run by
+``bench.throughput`` as ``celery -A bench.noop_app worker --pool=solo`` with
+``BENCH_BROKER_URL`` set.
 """
 
 from __future__ import annotations

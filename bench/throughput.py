@@ -40,8 +40,9 @@ to the benchmark's database for that phase only; the JSON also has the time to
 the producers' own code (Celery's ``send_task``, ``Publisher``) in a scratch Redis database
 and pushed onto the queue at their due times (``harness.push_paced``): the producer's cost
 (0.5 to 1 ms of CPU a message) stays out of the sending loop, which could not otherwise offer
-3,000 messages/s on 2 cores, and a late push cannot hide a delay (coordinated omission). Worker RSS is the largest VmRSS
-of any one process of each worker's process tree, sampled every 0.2 s.
+3,000 messages/s on 2 cores, and a late push cannot hide a delay (coordinated omission).
+Worker RSS is the largest VmRSS of any one process of each worker's process tree, sampled
+every 0.2 s.
 
 Where the time goes: Redis commands per message during the drains (INFO commandstats), the mean
 time of orderonce's task and of the protocol inside it (from the workers' JSON logs), and the
