@@ -102,10 +102,12 @@ def plain_celery(
         def no_op_tasks(url: str) -> Iterator[Callable[[int], None]]:
             # Task i's "published" argument is its index: it is due at start + i / rate.
             scratch = make_celery(url, Settings(queue=queue))
-            yield lambda i: scratch.send_task(
-                noop_app.TASK_NAME, args=[i, paced_key], queue=queue, retry=False
-            )
-            scratch.close()
+            try:
+                yield lambda i: scratch.send_task(
+                    noop_app.TASK_NAME, args=[i, paced_key], queue=queue, retry=False
+                )
+            finally:
+                scratch.close()
 
         start = push_paced(r, queue, prebuilt(redis_url, queue, no_op_tasks, paced), rate)
         wait_until(lambda: r.llen(paced_key) >= paced, 60, "the paced no-op tasks", 0.01)
@@ -246,8 +248,10 @@ def _publishing(
     @contextlib.contextmanager
     def publisher(url: str) -> Iterator[Callable[[int], None]]:
         scratch = Publisher(url, Settings(queue=QUEUE))
-        yield lambda i: scratch.publish_raw(bodies[i])
-        scratch.close()
+        try:
+            yield lambda i: scratch.publish_raw(bodies[i])
+        finally:
+            scratch.close()
 
     return publisher
 
