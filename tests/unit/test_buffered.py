@@ -208,6 +208,46 @@ def test_an_event_still_too_early_after_its_tries_goes_down_the_default_path(
     assert loop.timers == []
 
 
+def test_an_event_handed_back_alone_is_tried_again_after_a_pause_or_with_the_next_message(
+    batch: dict[str, Any],
+) -> None:
+    # What it waits for is another worker's batch, tens of milliseconds under load: tried
+    # again at once, alone, its tries were gone in a few milliseconds and it took the single
+    # path (and its half-second pause) while that batch still ran.
+    loop = _Loop()
+    buf, singles = _buffer(10, loop=loop, tries_again=5)
+    msg = FakeMessage("e")
+    batch["result"] = ([], [HandedBack(b"e", "lock_busy", "", 0)])
+    buf.offer(msg)
+    loop.fire()  # the receive's batch: handed back
+    pauses = []
+    for _ in range(4):
+        ((delay, _),) = loop.timers
+        pauses.append(delay)
+        loop.fire()
+    assert pauses == [0.01, 0.02, 0.04, 0.05]  # doubling, up to buffered_max_wait_ms
+    assert singles == [msg] and len(batch["calls"]) == 5
+
+    # A message that comes during the pause is not held back by it: both go at once.
+    buf, singles = _buffer(10, loop=loop, tries_again=5)
+    loop.timers.clear()
+    first, second = FakeMessage("e1"), FakeMessage("e2")
+    batch["calls"].clear()
+    batch["result"] = [
+        ([], [HandedBack(b"e1", "lock_busy", "", 0)]),
+        ([Outcome("applied")] * 2, []),
+    ]
+    buf.offer(first)
+    loop.fire()
+    assert [delay for delay, _ in loop.timers] == [0.01]
+    buf.offer(second)
+    assert [delay for delay, _ in loop.timers][-1] == 0.005  # the buffer's own wait
+    loop.timers = loop.timers[-1:]  # (the pause's timer was cancelled)
+    loop.fire()
+    assert [bodies for bodies, _ in batch["calls"]] == [[b"e1"], [b"e1", b"e2"]]
+    assert first.fate == second.fate == "acked" and singles == []
+
+
 def test_a_shutdown_keeps_nothing_for_later(batch: dict[str, Any]) -> None:
     loop = _Loop()
     buf, singles = _buffer(10, loop=loop, tries_again=5)

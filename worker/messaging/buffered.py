@@ -32,7 +32,11 @@ Guarantee: that of the batch protocol, per event, and the message rule of defaul
   for is most often another worker's batch committing right now; batch messages sleep between
   such tries (10, 20, 40, 80 ms), which would hold every message of this buffer back, and
   those still arriving. An order's later events in the buffer are handed back with it (the
-  batch protocol keeps an order's events in sequence), so they stay behind it.
+  batch protocol keeps an order's events in sequence), so they stay behind it. The next batch
+  comes with the next message, or, when none comes, after the same pauses (at most
+  ``buffered_max_wait_ms``): tried again at once, alone, its tries were used up in a
+  millisecond each, while the batch it waited for (tens of milliseconds under load) was still
+  running, and it went down the single path, with its half-second pause.
 - An event the batch protocol hands back otherwise (still too early after those tries, a
   deferred or conflicting submission, a copy of a pruned event) is not republished: its own
   message is given to Celery's usual handling right after the commit, i.e. the default mode's
@@ -172,6 +176,7 @@ class Buffer:
         self._connection_errors = connection_errors
         self._items: list[Buffered] = []
         self._timer: Any = None
+        self._pausing = False  # the timer is a pause before handed-back events are tried again
         # On RabbitMQ, the consumer's channel and what was delivered on it (``delivered``).
         self._channel: Any = None
         self._deliveries: Deliveries | None = None
@@ -200,6 +205,9 @@ class Buffer:
         if len(self._items) >= self.size or self._call_later is None:
             self.flush()
         else:
+            if self._pausing and self._timer is not None:
+                self._timer.cancel()  # the handed-back events go with this message
+                self._timer = None
             self._schedule()
         return True
 
@@ -208,7 +216,11 @@ class Buffer:
             # No wait asked for: apply what this receive brought, once it is all offered (the
             # transport hands a receive's messages over in one go, before timers run).
             wait = self.wait_s and min(max(self.wait_s, self._last_s), self.max_wait_s)
+            tries = min(item.tries for item in self._items)
+            if tries:  # only events handed back: a pause, cut short by the next message
+                wait = min(max(wait, 0.005 * 2**tries), self.max_wait_s)
             self._timer = self._call_later(wait, self._on_timer)
+            self._pausing = bool(tries)
 
     def _on_timer(self) -> None:
         self._timer = None
