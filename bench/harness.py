@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,7 +233,10 @@ def per_event(before: dict[str, int], after: dict[str, int], events: int) -> dic
 class CommitListener:
     """When each processed row's transaction committed, as seen from outside: for the time of
     the ``with`` block, a trigger in the benchmark's own database notifies on every processed
-    row, and PostgreSQL delivers a notification at commit (never for a rolled back one)."""
+    row, and PostgreSQL delivers a notification at commit (never for a rolled back one). A
+    batch claims each of its events first and deletes the claims of those it hands back in the
+    same transaction: a second trigger notifies that deletion, and the event is not counted
+    as committed until a later transaction commits its row."""
 
     CHANNEL = "bench_processed"
 
@@ -249,24 +252,34 @@ class CommitListener:
             if install:
                 conn.execute(
                     "CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$"
-                    f" BEGIN PERFORM pg_notify('{self.CHANNEL}',"
-                    " json_build_array(NEW.source, NEW.event_id)::text); RETURN NULL; END $$"
+                    f" BEGIN PERFORM pg_notify('{self.CHANNEL}', CASE TG_OP"
+                    "  WHEN 'INSERT' THEN json_build_array(NEW.source, NEW.event_id, 1)"
+                    "  ELSE json_build_array(OLD.source, OLD.event_id, 0) END::text);"
+                    " RETURN NULL; END $$"
                 )
                 conn.execute(
-                    "CREATE TRIGGER bench_notify AFTER INSERT ON processed_messages"
+                    "CREATE TRIGGER bench_notify AFTER INSERT OR DELETE ON processed_messages"
                     " FOR EACH ROW EXECUTE FUNCTION bench_notify()"
                 )
             else:
                 conn.execute("DROP TRIGGER bench_notify ON processed_messages")
                 conn.execute("DROP FUNCTION bench_notify()")
 
+    def saw_all(self, keys: Collection[tuple[str, str]]) -> bool:
+        """Whether every one of these (source, id) has committed."""
+        return len(self.seen) >= len(keys) and all(k in self.seen for k in keys)
+
     def _listen(self) -> None:
         while True:
             quiet = True
             for note in self._conn.notifies(timeout=0.2):
                 at = time.time()
-                source, event_id = json.loads(note.payload)
-                self.seen.setdefault((source, event_id), at)
+                source, event_id, inserted = json.loads(note.payload)
+                # A transaction's notifications come in the order it sent them.
+                if inserted:
+                    self.seen.setdefault((source, event_id), at)
+                else:
+                    self.seen.pop((source, event_id), None)
                 quiet = False
             if quiet and self._done.is_set():
                 return

@@ -275,6 +275,10 @@ def _paced(
     entries = prebuilt(redis_url, QUEUE, _publishing([bodies[p.key] for p in publications]), count)
     with CommitListener(database_url) as commits:
         start = push_paced(r, QUEUE, entries, rate)
+        # Every event's commit as the listener sees it first, and only then the database's
+        # count (wait_drained, for the copies): asked every 10 ms, it is a scan of
+        # processed_messages, and it took CPU from the batches of the phase's last events.
+        wait_until(lambda: commits.saw_all(bodies), 120, "the paced events' commits", 0.01)
         target = len(stream.restocks) + count
         wait_drained(engine, stream, target, r, "the paced events", 120)
     due: dict[tuple[str, str], float] = {}
@@ -354,6 +358,7 @@ def orderonce_batch(
                 if chunk:
                     publisher.publish_raw_batch(chunk)
                 sent = upto
+            wait_until(lambda: commits.saw_all(bodies), 120, "the paced events' commits", 0.01)
             target = len(paced.restocks) + count
             wait_drained(engine, paced, target, r, "the paced events", 120)
         rss = sampler.finish()
