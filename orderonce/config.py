@@ -73,7 +73,9 @@ class Settings(BaseSettings):
     # that worker's batch, most often), are tried again this many times before they go to the
     # single-event path's backoff: batch messages within the task (at once, then 10, 20, 40,
     # 80 ms apart); buffered mode at once, then in the worker's next batches, so that the
-    # worker does not sleep while the rest of its buffer waits.
+    # worker does not sleep while the rest of its buffer waits (with nothing else buffered, the
+    # next batch comes with the next message or after 10, 20, 40 ms, buffered_max_wait_ms at
+    # most).
     batch_too_early_retries: int = 5
     # Buffered consumption (worker/messaging/buffered.py): a worker process (the default pool,
     # or ``--pool solo``) takes up to this many single-event messages at a time (its prefetch)
