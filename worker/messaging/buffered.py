@@ -36,7 +36,7 @@ Guarantee: that of the batch protocol, per event, and the message rule of defaul
   comes with the next message, or, when none comes, after the same pauses (at most
   ``buffered_max_wait_ms``): tried again at once, alone, its tries were used up in a
   millisecond each, while the batch it waited for (tens of milliseconds under load) was still
-  running, and it went down the single path, with its half-second pause.
+  running, and it went down the single path, whose pauses are half a second and longer.
 - An event the batch protocol hands back otherwise (still too early after those tries, a
   deferred or conflicting submission, a copy of a pruned event) is not republished: its own
   message is given to Celery's usual handling right after the commit, i.e. the default mode's
