@@ -84,5 +84,21 @@ def test_a_sleep_does_not_hide_a_poison_in_the_same_batch(
     # A buffered batch can join a slow-commit marker and a poison: both rules must fire.
     failpoint_rules("before_commit=sleep:0~FP-SL~once,before_commit=raise~POISON~always")
     with pytest.raises(failpoints.FailpointError):
-        failpoints.failpoint("before_commit", b"FP-SL\nPOISON")
+        failpoints.failpoint("before_commit", b"FP-SL", b"POISON")
     assert len(os.listdir(tmp_path)) == 1  # the sleep fired first
+
+
+def test_an_event_fires_its_once_rule_once_whether_in_a_batch_or_alone(
+    tmp_path: Path, failpoint_rules: Callable[[str], None]
+) -> None:
+    # A buffered batch killed by its marked event is redelivered, and the event then runs alone:
+    # firing again there would count a second crash against a valid event's poison limit.
+    failpoint_rules("before_commit=raise~FP-A~once")
+    with pytest.raises(failpoints.FailpointError):
+        failpoints.failpoint("before_commit", b"x", b"1 FP-A", b"2 FP-A")
+    failpoints.failpoint("before_commit", b"1 FP-A")  # fired in the batch: passes alone
+    with pytest.raises(failpoints.FailpointError):
+        failpoints.failpoint("before_commit", b"1 FP-A", b"2 FP-A")  # the other one's turn
+    failpoints.failpoint("before_commit", b"2 FP-A")
+    failpoints.failpoint("before_commit", b"x", b"1 FP-A", b"2 FP-A")
+    assert len(os.listdir(tmp_path)) == 2

@@ -161,8 +161,7 @@ def process_batch(
             else:
                 mid = f"{message_id}/{position}" if message_id is not None else None
             entries.append(_Entry(position, body, admitted, content_hash(admitted), mid))
-    joined = b"\n".join(bodies)  # failpoints match a text anywhere in the batch
-    failpoint("before_lock", joined)
+    failpoint("before_lock", *bodies)
     held, busy = locks.acquire([e.key for e in entries])
     handed_back = [
         HandedBack(e.body, "lock_busy", "event lock held by another worker", e.index)
@@ -172,11 +171,11 @@ def process_batch(
     entries = [e for e in entries if e.key not in busy]
     try:
         outcomes, more = with_db_retries(config.db_attempts)(
-            _commit_batch, engine, entries, refused, config, joined
+            _commit_batch, engine, entries, refused, config, bodies
         )
     finally:
         locks.release(held)
-    failpoint("after_commit", joined)
+    failpoint("after_commit", *bodies)
     handed_back += more
     kinds = Counter(o.kind for o in outcomes)
     log.info(
@@ -246,7 +245,7 @@ def _commit_batch(
     entries: list[_Entry],
     refused: list[tuple[bytes, Refusal]],
     config: Config,
-    joined: bytes,
+    bodies: list[bytes],
 ) -> tuple[list[Outcome], list[HandedBack]]:
     # A concurrent submission can make the batch's view of orders stale (BatchRace): the
     # transaction is rolled back and run again, seeing it.
@@ -254,7 +253,7 @@ def _commit_batch(
         try:
             with engine.begin() as conn:
                 result = _in_transaction(conn, entries, refused, config)
-                failpoint("before_commit", joined)
+                failpoint("before_commit", *bodies)
             return result
         except BatchRace as race:
             if attempt == 2:

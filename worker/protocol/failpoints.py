@@ -6,13 +6,15 @@ Actions: ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP it), ``sleep:SECONDS
 (an unexpected error, as a bug would raise). ``ACTION~TEXT`` fires only for messages whose body
 contains TEXT (a poison message: ``before_commit=kill~SKU-POISON``). A point may have several
 rules (``before_commit=kill~FP-A,before_commit=raise~FP-B``); each that matches and has not used
-up its one firing fires, in order (a ``kill`` or ``raise`` ends the list).
+up its one firing fires, in order (a ``kill`` or ``raise`` ends the list). A batch passes each of
+its bodies: a rule matches when one of them contains its TEXT.
 
 With ``ORDERONCE_FAILPOINTS_ONCE_DIR`` set, each point fires once across all processes (a marker
 file is created atomically), so a restarted worker goes on normally; a rule ending in ``~once``
-(``before_commit=kill~FP-A~once``) instead fires once per distinct message body, so every event
-carrying FP-A kills its worker exactly once — how the chaos harness hits each window on purpose —
-and one ending in ``~always`` fires every time (a poison message).
+(``before_commit=kill~FP-A~once``) instead fires once per distinct event body, in a batch or alone
+(one firing per call: a batch of two such bodies fires for the first, the other fires later), so
+every event carrying FP-A kills its worker exactly once — how the chaos harness hits each window
+on purpose — and one ending in ``~always`` fires every time (a poison message).
 """
 
 from __future__ import annotations
@@ -65,23 +67,31 @@ def _first_time(marker: str) -> bool:
     return True
 
 
-def failpoint(name: str, body: bytes = b"") -> None:
+def failpoint(name: str, *bodies: bytes) -> None:
+    """The point ``name`` reached with these message bodies (a batch passes each of its own)."""
     rules = _configured().get(name)
     if not rules:
         return
     for rule in rules:
-        if rule.match is not None and rule.match not in body:
+        matching = [b for b in bodies or (b"",) if rule.match is None or rule.match in b]
+        if not matching:
             continue
-        marker = name
-        if rule.once_per_body:
-            match = (rule.match or b"").decode(errors="replace")
-            marker = f"{name}~{match}~{hashlib.sha256(body).hexdigest()[:24]}"
-        if not rule.always and not _first_time(marker):
-            continue  # fired before; a later rule may still match (a batch joins many bodies)
+        if not rule.always and not any(_first_time(_marker(name, rule, b)) for b in matching):
+            continue  # fired before; a later rule may still match (a batch has many bodies)
         # Every matching rule fires, in order: ``kill`` and ``raise`` end the call, but a
         # ``sleep`` or a ``stop`` (resumed later) must not hide a poison's ``raise`` behind
-        # it in a batch that joins both bodies.
+        # it in a batch that holds both bodies.
         _act(name, rule.action)
+
+
+def _marker(name: str, rule: Rule, body: bytes) -> str:
+    """Once per body is once per event's own body, in a batch or alone: an event that ended
+    its batch's worker must not end it again when its redelivered message runs alone (each
+    such firing is one more crash counted against a valid event's poison limit)."""
+    if not rule.once_per_body:
+        return name
+    match = (rule.match or b"").decode(errors="replace")
+    return f"{name}~{match}~{hashlib.sha256(body).hexdigest()[:24]}"
 
 
 def _act(name: str, action: str) -> None:
