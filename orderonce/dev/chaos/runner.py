@@ -72,6 +72,11 @@ CONTROL_TIMINGS = TIMINGS | {"lock_ttl_ms": 10_000}
 # been the message that crashed the worker), so with a limit of 3 two unlucky kills made a
 # valid event a poison dead letter (seen once in CI, buffered mode). The default limit, 5.
 NO_OUTBOX_TIMINGS = CONTROL_TIMINGS | {"poison_max_retries": 5}
+# Buffered workers, likewise: a kill gives back every message of the killed consumer's buffer
+# and prefetch, and each of those first runs counts as a crashed one (up to a hundred messages
+# per kill). A marked event that then ends its own run is at 3, one kill from a poison dead
+# letter with a limit of 3 (seen once in CI, RabbitMQ); the default limit gives it room.
+BUFFERED_TIMINGS = {"poison_max_retries": 5}
 TIMINGS_OF: dict[Profile, dict[str, Any]] = {
     "full": TIMINGS,
     "control": CONTROL_TIMINGS,
@@ -148,7 +153,7 @@ class _Run:
     ) -> None:
         self.opts, self.workdir, self.pg, self.redis = opts, workdir, pg, rds
         self.rng = random.Random(opts.seed)
-        timings = TIMINGS_OF[opts.profile]
+        timings = TIMINGS_OF[opts.profile] | (BUFFERED_TIMINGS if opts.buffered else {})
         self.lock_ttl_s = timings["lock_ttl_ms"] / 1000
         self.lock_redis = (
             PrivateRedis(workdir / "lock-redis") if opts.profile == "control" else None
