@@ -73,10 +73,15 @@ def failpoint(name: str, *bodies: bytes) -> None:
     if not rules:
         return
     for rule in rules:
-        matching = [b for b in bodies or (b"",) if rule.match is None or rule.match in b]
-        if not matching:
+        # One marker per matching body for a ``~once`` rule, one for the point otherwise.
+        markers = dict.fromkeys(
+            _marker(name, rule, b)
+            for b in bodies or (b"",)
+            if rule.match is None or rule.match in b
+        )
+        if not markers:
             continue
-        if not rule.always and not any(_first_time(_marker(name, rule, b)) for b in matching):
+        if not rule.always and not any(_first_time(m) for m in markers):
             continue  # fired before; a later rule may still match (a batch has many bodies)
         # Every matching rule fires, in order: ``kill`` and ``raise`` end the call, but a
         # ``sleep`` or a ``stop`` (resumed later) must not hide a poison's ``raise`` behind
