@@ -1,4 +1,5 @@
-"""Where a benchmark's CPU time goes, from /proc: the workers', the database server's, Redis's.
+"""Where a benchmark's CPU time goes, from /proc: the workers', the database server's, Redis's
+(and, over a paced phase, the benchmark's own).
 
 On a 2-core machine the workers, PostgreSQL and Redis share the same cores, so CPU time per
 event, all of it counted, bounds the rate: at most (cores / CPU seconds per event) events/s.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +110,35 @@ def per_event(before: Reading, after: Reading, events: int) -> dict[str, float |
     }
     known = [v for v in split.values() if v is not None]
     return split | {"total": round(sum(known), 1) if len(known) == len(split) else None}
+
+
+class Window:
+    """CPU by whose over a stretch of wall time (``with``): per event, and how many of the
+    host's cores were busy with it. The benchmark's own process (the paced producer and the
+    commit listener) is counted too: it shares the cores with the system it measures."""
+
+    def __init__(self, worker_pids: list[int], database: int | None, client: redis.Redis) -> None:
+        self._pids, self._database, self._client = worker_pids, database, client
+
+    def __enter__(self) -> Window:
+        self._before = read(self._pids, self._database, self._client)
+        self._own = time.process_time()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._after = read(self._pids, self._database, self._client)
+        self._own = time.process_time() - self._own
+        self._seconds = time.perf_counter() - self._started
+
+    def split(self, events: int) -> dict[str, float | None]:
+        """µs per event by whose (``per_event``, plus ``benchmark``), and ``cores_busy``: all
+        of it per second of the window (None where the database's CPU is not readable)."""
+        split = per_event(self._before, self._after, events)
+        own = round(self._own / events * 1e6, 1)
+        total = split["total"]
+        if total is None:
+            return split | {"benchmark": own, "cores_busy": None}
+        total = round(total + own, 1)
+        busy = round(total * events / 1e6 / self._seconds, 2)
+        return split | {"benchmark": own, "total": total, "cores_busy": busy}

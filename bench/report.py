@@ -110,6 +110,12 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
             "offered_per_s": med("orderonce", "latency", "offered_per_s"),
             "verify_ok": all(r["orderonce"]["verify_ok"] for r in at),
         }
+        paced = [r["orderonce"]["latency"].get("cpu_us_per_event") for r in at]
+        if all(paced):  # runs before 2026-12-07 did not measure it
+            summary[str(n)]["orderonce"]["paced_cpu"] = {
+                whose: median_or_none([p[whose] for p in paced if p])
+                for whose in ("workers", "database", "redis", "benchmark", "total", "cores_busy")
+            }
         if all("orderonce_prefork" in r for r in at):
             summary[str(n)] |= {
                 "orderonce_prefork": {
@@ -204,6 +210,14 @@ def print_results(results: dict[str, Any]) -> None:
             f"  {'':7}  (b) at a trickle of 10 events/s: p50 {b['trickle_p50_ms']:.1f} ms,"
             f" p99 {b['trickle_p99_ms']:.1f} ms"
         )
+        paced = b.get("paced_cpu")
+        if paced and paced["total"] is not None:
+            print(
+                f"  {'':7}  (b) at half its drain rate: {paced['cores_busy']:.2f} of"
+                f" {m['nproc']} cores busy; CPU per event: workers {paced['workers']:.0f} µs,"
+                f" PostgreSQL {paced['database']:.0f} µs, Redis {paced['redis']:.0f} µs, this"
+                f" benchmark {paced['benchmark']:.0f} µs"
+            )
         split = row["batch_cpu_us_per_event"]
         if split["total"] is not None:
             print(
@@ -360,6 +374,29 @@ def markdown_table(results: dict[str, Any]) -> str:
             f" | {row.get('prefork_over_a', float('nan')):.2f}"
             f" | {row['batch_over_batch_c']:.2f} | {p99}"
             f" | {row['orderonce']['trickle_p50_ms']:.1f} | {rss:.0f} |"
+        )
+    return "\n".join(lines) + "\n" + _paced_cpu(results)
+
+
+def _paced_cpu(results: dict[str, Any]) -> str:
+    """How busy the host was while (b)'s p99 was measured, where the run measured it."""
+    m, o, s = results["machine"], results["options"], results["summary"]
+    rows = [(n, s[str(n)]["orderonce"].get("paced_cpu")) for n in o["workers"]]
+    if not all(p and p["total"] is not None for _, p in rows):
+        return ""
+    lines = [
+        "",
+        f"(b) while its p99 was measured, at half its drain rate: cores busy (of {m['nproc']}),"
+        " and CPU per event in µs by process.",
+        "",
+        "| workers | cores busy | workers' processes | PostgreSQL | Redis | this benchmark |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, p in rows:
+        assert p is not None
+        lines.append(
+            f"| {n} | {p['cores_busy']:.2f} | {p['workers']:.0f} | {p['database']:.0f}"
+            f" | {p['redis']:.0f} | {p['benchmark']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -150,6 +150,7 @@ def orderonce_stream(
     tag = uuid.uuid4().hex[:6].upper()
     events = opts.stream_events if pool == "buffered" else opts.events
     drain = demo_stream(f"D{tag}", events, seed)
+    postmaster = cpu.postmaster(database_url)
     for p in drain.publications:
         publisher.publish_raw(p.body)
     r.rename(QUEUE, stash(QUEUE))
@@ -178,7 +179,10 @@ def orderonce_stream(
         for p in paced.restocks:
             publisher.publish_raw(p.body)
         wait_until(lambda: handled(engine, paced) >= len(paced.restocks), 60, "the restocks", 0.05)
-        published, seen = _paced(r, redis_url, database_url, engine, paced, count, rate)
+        window = cpu.Window([w.proc.pid for w in workers], postmaster, r)
+        published, seen = _paced(
+            r, redis_url, database_url, engine, paced, count, rate, during_push=window
+        )
         # A trickle: 10 events/s, each alone on the broker when it arrives.
         trickle = demo_stream(f"T{tag}", opts.trickle_events, seed)
         for p in trickle.restocks:
@@ -223,6 +227,8 @@ def orderonce_stream(
             **quantiles(to_commit),
             "with_commit_time": len(to_commit),
             "to_transaction_start": quantiles(to_start),
+            # Why the p99 is what it is: how busy the host was while the load was offered.
+            "cpu_us_per_event": window.split(count),
         },
         "trickle_latency": {
             "offered_per_s": 10.0,
@@ -264,17 +270,20 @@ def _paced(
     stream: DemoStream,
     count: int,
     rate: float,
+    during_push: contextlib.AbstractContextManager[Any] | None = None,
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
     """The stream's first ``count`` messages (built ahead) pushed at ``rate``, and their
     outcomes waited for: when each event was first due (a copy is the same event), and when
-    its transaction committed."""
+    its transaction committed. ``during_push`` is entered for the time of the pushing: the
+    steady load, without the building ahead or the wait for the last commits."""
     publications = stream.publications[:count]
     bodies: dict[tuple[str, str], str] = {}  # a copy must be the very same event
     for p in publications:
         bodies.setdefault(p.key, restamped(p.body, time.time()))
     entries = prebuilt(redis_url, QUEUE, _publishing([bodies[p.key] for p in publications]), count)
     with CommitListener(database_url) as commits:
-        start = push_paced(r, QUEUE, entries, rate)
+        with during_push or contextlib.nullcontext():
+            start = push_paced(r, QUEUE, entries, rate)
         # Every event's commit as the listener sees it first, and only then the database's
         # count (wait_drained, for the copies): asked every 10 ms, it is a scan of
         # processed_messages, and it took CPU from the batches of the phase's last events.
