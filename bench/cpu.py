@@ -122,20 +122,20 @@ class Window:
 
     def __enter__(self) -> Window:
         self._before = read(self._pids, self._database, self._client)
-        self._own = time.process_time()
+        self._own_before = time.process_time()
         self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._after = read(self._pids, self._database, self._client)
-        self._own = time.process_time() - self._own
+        self._own_s = time.process_time() - self._own_before
         self._seconds = time.perf_counter() - self._started
 
     def split(self, events: int) -> dict[str, float | None]:
         """µs per event by whose (``per_event``, plus ``benchmark``), and ``cores_busy``: all
         of it per second of the window (None where the database's CPU is not readable)."""
         split = per_event(self._before, self._after, events)
-        own = round(self._own / events * 1e6, 1)
+        own = round(self._own_s / events * 1e6, 1)
         total = split["total"]
         if total is None:
             return split | {"benchmark": own, "cores_busy": None}

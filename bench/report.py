@@ -113,7 +113,7 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
         paced = [r["orderonce"]["latency"].get("cpu_us_per_event") for r in at]
         if all(paced):  # runs before 2026-12-07 did not measure it
             summary[str(n)]["orderonce"]["paced_cpu"] = {
-                whose: median_or_none([p[whose] for p in paced if p])
+                whose: median_or_none([p[whose] for p in paced])
                 for whose in ("workers", "database", "redis", "benchmark", "total", "cores_busy")
             }
         if all("orderonce_prefork" in r for r in at):
