@@ -198,23 +198,33 @@ def prebuilt(
     return entries[::-1]
 
 
+# How often the paced producer pushes what came due since its last push. One LPUSH per message
+# at 3,000-4,000 messages/s cost the benchmark about 85 µs of CPU per event, on the 2 cores the
+# system it measures runs on: a load no producer on another host puts there. Pushed every
+# millisecond, three or four go together and that cost fell by about a third. Each message's
+# latency still runs from its own due time, so the wait for the tick is counted.
+PUSH_TICK_S = 0.001
+
+
 def push_paced(r: redis.Redis, queue: str, entries: list[bytes], rate: float) -> float:
     """Push ``entries[i]`` onto ``queue`` at ``start + i / rate`` (Unix time) and return
-    ``start``. Open loop: entries that came due while the loop was late go in one LPUSH, and
-    each event's latency is counted from its due time, so a slow sender or a stalled system
-    cannot hide its delay (coordinated omission)."""
+    ``start``. Open loop: one LPUSH every ``PUSH_TICK_S`` at most, of everything that came due
+    since the last, and each event's latency is counted from its due time, so neither the tick
+    nor a slow sender nor a stalled system can hide a delay (coordinated omission)."""
     start = time.time() + 0.05
     sent = 0
-    while sent < len(entries):
+    while True:
         now = time.time()
         due = min(len(entries), math.floor((now - start) * rate) + 1)
-        if due <= sent:
-            time.sleep(start + sent / rate - now)
-            continue
-        # LPUSH a b c leaves c at the head: consumers take from the tail, a first.
-        r.lpush(queue, *entries[sent:due])
-        sent = due
-    return start
+        if due > sent:
+            # LPUSH a b c leaves c at the head: consumers take from the tail, a first.
+            r.lpush(queue, *entries[sent:due])
+            sent = due
+        if sent == len(entries):
+            return start
+        # Until the next entry is due, and a tick after this look at the soonest: otherwise
+        # an entry that came due during a push would go alone, right after it.
+        time.sleep(max(0.0, max(start + sent / rate, now + PUSH_TICK_S) - time.time()))
 
 
 def redis_calls(r: redis.Redis) -> dict[str, int]:
