@@ -424,8 +424,30 @@ def markdown_ingest(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_duplicates(results: dict[str, Any]) -> str:
+    """What catching a double order costs (bench.duplicate_check), rendered from one run's
+    JSON: the checks alone, then ``order.created`` end to end with and without them."""
+    st = results["stamp"]
+    lines = [
+        f"`make bench` (bench.duplicate_check) at {st['commit']}, {st['measured_at'][:10]}; one"
+        f" thread, {results['events']:,} per measurement, on a database holding"
+        f" {results['preloaded_orders']:,} orders. Raw results: `bench/results/{results['file']}`.",
+        "",
+        "| measured | median ms | p99 ms |",
+        "|---|---|---|",
+    ]
+    for part in ("checks_alone", "end_to_end"):
+        for name, m in results[part].items():
+            lines.append(f"| {name} | {m['median_us'] / 1000:.2f} | {m['p99_us'] / 1000:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 # Each generated block of docs/performance.md: its marker, the results it shows, the renderer.
-BLOCKS = {"results": ("throughput", markdown_table), "ingest": ("ingest", markdown_ingest)}
+BLOCKS = {
+    "results": ("throughput", markdown_table),
+    "ingest": ("ingest", markdown_ingest),
+    "duplicates": ("duplicate_check", markdown_duplicates),
+}
 
 
 def _markers(block: str) -> tuple[str, str]:
