@@ -223,7 +223,8 @@ def run(opts: Options) -> dict[str, Any]:
             "events_per_s": "messages per second while draining a pre-filled queue (copies"
             " included), from handing the queue to ready workers to the last outcome",
             "latency": "at a steady offered load (half the system's own drain rate), messages"
-            " built ahead and pushed at their due times: due time to task start for (a), to"
+            " built ahead and pushed every millisecond, what came due since the last push (each"
+            " message's latency runs from its own due time): due time to task start for (a), to"
             " commit for (b) (LISTEN/NOTIFY on a trigger); to_transaction_start: to"
             " processed_messages.processed_at",
             "orderonce_batch": "batch mode: the same kind of stream, batch_size events per"
