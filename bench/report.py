@@ -1,6 +1,7 @@
 """What ``bench.throughput`` makes of its runs: medians and ratios, the printed table, and the
-stamped results table of docs/performance.md (``python -m bench.report --write``), rendered
-from the raw results in bench/results/ so that no figure there is typed by hand."""
+stamped tables of docs/performance.md (``python -m bench.report --write``: throughput, the
+front door, the duplicate check), rendered from the raw results in bench/results/ so that no
+figure there is typed by hand."""
 
 from __future__ import annotations
 
