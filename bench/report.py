@@ -117,6 +117,11 @@ def summarize(runs: list[dict[str, Any]], workers: tuple[int, ...]) -> dict[str,
                 whose: median_or_none([p[whose] for p in paced])
                 for whose in ("workers", "database", "redis", "benchmark", "total", "cores_busy")
             }
+        waits = [r["orderonce"]["latency"].get("lock_waits") for r in at]
+        if all(waits):  # runs before 2026-12-07 did not measure it
+            summary[str(n)]["orderonce"]["lock_waits_share"] = median_or_none(
+                [w["waiting_share"] for w in waits]
+            )
         if all("orderonce_prefork" in r for r in at):
             summary[str(n)] |= {
                 "orderonce_prefork": {
@@ -218,6 +223,11 @@ def print_results(results: dict[str, Any]) -> None:
                 f" {m['nproc']} cores busy; CPU per event: workers {paced['workers']:.0f} µs,"
                 f" PostgreSQL {paced['database']:.0f} µs, Redis {paced['redis']:.0f} µs, this"
                 f" benchmark {paced['benchmark']:.0f} µs"
+            )
+        if b.get("lock_waits_share") is not None:
+            print(
+                f"  {'':7}  (b) at half its drain rate: its busy database sessions waited on a"
+                f" lock in {b['lock_waits_share']:.0%} of looks"
             )
         split = row["batch_cpu_us_per_event"]
         if split["total"] is not None:
@@ -385,19 +395,28 @@ def _paced_cpu(results: dict[str, Any]) -> str:
     rows = [(n, s[str(n)]["orderonce"].get("paced_cpu")) for n in o["workers"]]
     if not all(p and p["total"] is not None for _, p in rows):
         return ""
+    waits = [s[str(n)]["orderonce"].get("lock_waits_share") for n in o["workers"]]
+    with_waits = all(w is not None for w in waits)
+    measured = (
+        "CPU per event in µs by process, and the share of its busy database sessions waiting"
+        " on a lock."
+        if with_waits
+        else "and CPU per event in µs by process."
+    )
     lines = [
         "",
         f"(b) while its p99 was measured, at half its drain rate: cores busy (of {m['nproc']}),"
-        " and CPU per event in µs by process.",
+        f" {measured}",
         "",
-        "| workers | cores busy | workers' processes | PostgreSQL | Redis | this benchmark |",
-        "|---|---|---|---|---|---|",
+        "| workers | cores busy | workers' processes | PostgreSQL | Redis | this benchmark |"
+        + (" waiting on a lock |" if with_waits else ""),
+        "|---|---|---|---|---|---|" + ("---|" if with_waits else ""),
     ]
-    for n, p in rows:
+    for (n, p), w in zip(rows, waits, strict=True):
         assert p is not None
         lines.append(
             f"| {n} | {p['cores_busy']:.2f} | {p['workers']:.0f} | {p['database']:.0f}"
-            f" | {p['redis']:.0f} | {p['benchmark']:.0f} |"
+            f" | {p['redis']:.0f} | {p['benchmark']:.0f} |" + (f" {w:.0%} |" if with_waits else "")
         )
     return "\n".join(lines) + "\n"
 

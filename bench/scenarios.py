@@ -44,6 +44,7 @@ from bench.harness import (
     wait_drained,
     worker_env,
 )
+from bench.lock_waits import LockWaits
 from orderonce.config import Settings
 from orderonce.dev.demo import count_run
 from orderonce.dev.demo_stream import DemoStream
@@ -180,8 +181,9 @@ def orderonce_stream(
             publisher.publish_raw(p.body)
         wait_until(lambda: handled(engine, paced) >= len(paced.restocks), 60, "the restocks", 0.05)
         window = cpu.Window([w.proc.pid for w in workers], postmaster, r)
+        waits = LockWaits(database_url)
         published, seen = _paced(
-            r, redis_url, database_url, engine, paced, count, rate, during_push=window
+            r, redis_url, database_url, engine, paced, count, rate, during_push=_both(window, waits)
         )
         # A trickle: 10 events/s, each alone on the broker when it arrives.
         trickle = demo_stream(f"T{tag}", opts.trickle_events, seed)
@@ -229,6 +231,8 @@ def orderonce_stream(
             "to_transaction_start": quantiles(to_start),
             # Why the p99 is what it is: how busy the host was while the load was offered.
             "cpu_us_per_event": window.split(count),
+            # ... and how often the workers' transactions waited for each other's locks.
+            "lock_waits": waits.summary(),
         },
         "trickle_latency": {
             "offered_per_s": 10.0,
@@ -240,6 +244,14 @@ def orderonce_stream(
         "in_worker": in_worker,
         "rss_mib": rss,
     }
+
+
+@contextlib.contextmanager
+def _both(
+    first: contextlib.AbstractContextManager[Any], second: contextlib.AbstractContextManager[Any]
+) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 def _batches(bodies: list[str], size: int) -> list[list[str]]:
