@@ -45,3 +45,18 @@ def test_how_busy_the_host_was_during_the_p99_is_rendered_from_the_runs_that_mea
         at = [i for i, r in enumerate(results["runs"]) if r["workers"] == n]
         i = at[len(at) // 2]
         assert row == f"| {n} | {1.5 + i / 100:.2f} | {200 + i} | 100 | 50 | 80 |"
+    # Runs that also sampled the lock waits: one more column, the median share of each N.
+    for i, run in enumerate(results["runs"]):
+        run["orderonce"]["latency"]["lock_waits"] = {
+            "looks": 200,
+            "busy_sessions": 150,
+            "waiting_share": 0.1 + i / 100,
+            "by_lock": {"advisory": 0.1 + i / 100},
+        }
+    results["summary"] = report.summarize(results["runs"], workers)
+    rows = [line for line in report.markdown_table(results).splitlines() if line.count("|") == 8]
+    assert rows[0].endswith("| this benchmark | waiting on a lock |")
+    for n, row in zip(workers, rows[2:], strict=True):
+        at = [i for i, r in enumerate(results["runs"]) if r["workers"] == n]
+        i = at[len(at) // 2]
+        assert row.endswith(f"| 80 | {0.1 + i / 100:.0%} |")
