@@ -5,8 +5,9 @@ its commit (worker/store/effects/batch.py), so two consumers whose batches touch
 or the same SKU take turns. The CPU split (bench/cpu.py) cannot show that: a session waiting
 on a lock uses no CPU. This samples ``pg_stat_activity`` instead: of the workers' sessions
 busy with a statement at each look, the share waiting on a lock (``wait_event_type`` Lock),
-by kind of lock. Each look is one short query from this process: every 20 ms it is about 2%
-of a core, counted with the benchmark's own CPU and PostgreSQL's.
+by kind of lock. Each look is one short query from this process: every 20 ms, about 3% of a
+core in all (measured: 2% in this process, 1% in its PostgreSQL backend), counted with the
+benchmark's own CPU and PostgreSQL's.
 """
 
 from __future__ import annotations

@@ -226,8 +226,8 @@ def print_results(results: dict[str, Any]) -> None:
             )
         if b.get("lock_waits_share") is not None:
             print(
-                f"  {'':7}  (b) at half its drain rate: its busy database sessions waited on a"
-                f" lock in {b['lock_waits_share']:.0%} of looks"
+                f"  {'':7}  (b) at half its drain rate: {b['lock_waits_share']:.0%} of its"
+                " database sessions seen running a statement were waiting on a lock"
             )
         split = row["batch_cpu_us_per_event"]
         if split["total"] is not None:
