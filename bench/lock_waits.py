@@ -18,10 +18,7 @@ from typing import Any
 
 import psycopg
 
-from worker.store.db import libpq_url
-
-# make_engine's sessions say so (worker/store/db.py).
-APPLICATION = "orderonce"
+from worker.store.db import APPLICATION_NAME, libpq_url
 
 _LOOK = (
     "SELECT wait_event_type, wait_event FROM pg_stat_activity"
@@ -56,7 +53,7 @@ class LockWaits:
     def _run(self, conn: psycopg.Connection[Any]) -> None:
         with conn:
             while not self._stop.wait(self._every_s):
-                rows = conn.execute(_LOOK, (APPLICATION,)).fetchall()
+                rows = conn.execute(_LOOK, (APPLICATION_NAME,)).fetchall()
                 self.looks += 1
                 self.busy += len(rows)
                 self.waiting.update(event for kind, event in rows if kind == "Lock")
@@ -66,7 +63,10 @@ class LockWaits:
         when none was seen busy); ``by_lock``: that share by kind of lock (``advisory`` for
         the batches' keys, ``transactionid`` and ``tuple`` for rows another transaction
         holds)."""
-        share = (lambda n: round(n / self.busy, 3)) if self.busy else (lambda n: None)
+
+        def share(sessions: int) -> float | None:
+            return round(sessions / self.busy, 3) if self.busy else None
+
         return {
             "looks": self.looks,
             "busy_sessions": self.busy,

@@ -10,9 +10,9 @@ from typing import Any
 
 import psycopg
 
-from bench.lock_waits import APPLICATION, LockWaits
+from bench.lock_waits import LockWaits
 from tests.servers import ServerUrls
-from worker.store.db import libpq_url
+from worker.store.db import APPLICATION_NAME, libpq_url
 
 
 def _session(servers: ServerUrls, application: str) -> psycopg.Connection[Any]:
@@ -22,7 +22,7 @@ def _session(servers: ServerUrls, application: str) -> psycopg.Connection[Any]:
 def _look_while(servers: ServerUrls, statement: str, holder_key: int | None) -> dict[str, Any]:
     """Sample while a worker-named session runs ``statement`` (for about half a second);
     ``holder_key``: an advisory key another session holds meanwhile."""
-    with _session(servers, "someone-else") as holder, _session(servers, APPLICATION) as worker:
+    with _session(servers, "someone-else") as holder, _session(servers, APPLICATION_NAME) as worker:
         if holder_key is not None:
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (holder_key,))
         running = threading.Thread(target=lambda: worker.execute(statement))

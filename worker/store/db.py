@@ -28,11 +28,15 @@ def send_lists_in_binary(conn: psycopg.Connection[Any]) -> None:
     conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
+# What the workers' sessions call themselves in pg_stat_activity (and in PostgreSQL's logs).
+APPLICATION_NAME = "orderonce"
+
+
 def make_engine(url: str, settings: Settings) -> Engine:
     options = (
         f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms}"
         f" -c statement_timeout={settings.statement_timeout_ms}"
-        " -c application_name=orderonce"
+        f" -c application_name={APPLICATION_NAME}"
     )
     engine = create_engine(
         url,
