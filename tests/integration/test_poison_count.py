@@ -13,28 +13,50 @@ import redis
 from sqlalchemy import Engine
 
 from producers import Publisher
+from producers.publisher import to_json
 from tests import events
+from tests.brokers import Broker
 from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
+from worker.messaging.broker import TASK_NAME, make_celery
 from worker.protocol.locks import lock_name
 from worker.store.deliveries import finish_run, start_run
 
 
 def test_only_runs_a_crash_ended_are_counted(db: Engine) -> None:
     first_crashed = f"msg-{uuid.uuid4()}"
-    assert start_run(db, first_crashed, redelivered=True) == 2  # the unrecorded first run
-    assert start_run(db, first_crashed, redelivered=True) == 3  # the last run never finished
-    finish_run(db, first_crashed)
-    assert start_run(db, first_crashed, redelivered=True) == 3  # it had finished: only waited
-    finish_run(db, first_crashed)  # ... with a retry:
-    assert start_run(db, first_crashed, redelivered=False) == 3
-    assert start_run(db, first_crashed, redelivered=True) == 4  # the retry's run crashed
+    assert start_run(db, first_crashed, "r1", redelivered=True) == 2  # the unrecorded first run
+    assert start_run(db, first_crashed, "r2", redelivered=True) == 3  # r1 never finished
+    finish_run(db, first_crashed, "r2")
+    assert start_run(db, first_crashed, "r3", redelivered=True) == 3  # r2 had: it only waited
+    finish_run(db, first_crashed, "r3")  # ... with a retry:
+    assert start_run(db, first_crashed, "r4", redelivered=False) == 3
+    assert start_run(db, first_crashed, "r5", redelivered=True) == 4  # the retry's run crashed
 
     retried = f"msg-{uuid.uuid4()}"
-    assert start_run(db, retried, redelivered=False) == 1  # its first run sent the retry
-    assert start_run(db, retried, redelivered=False) == 1  # so did this one (end not recorded)
-    assert start_run(db, retried, redelivered=True) == 2
+    assert start_run(db, retried, "r1", redelivered=False) == 1  # its first run sent the retry
+    assert start_run(db, retried, "r2", redelivered=False) == 1  # so did r1 (end not recorded)
+    assert start_run(db, retried, "r3", redelivered=True) == 2
+
+
+def test_a_copy_that_ends_at_once_does_not_clear_the_crash_of_another(db: Engine) -> None:
+    # Two copies of one message (same id): A's run takes the event's lock and kills its worker;
+    # B's run finds the lock held and ends in a retry, between A's crash and A's redelivery.
+    # With one shared "running" flag, B's end cleared A's mark, A's redelivery counted
+    # nothing, and a message that kills every worker that takes it never reached the limit
+    # while a copy of it kept retrying (seen in the no-outbox chaos run).
+    message = f"msg-{uuid.uuid4()}"
+    assert start_run(db, message, "a1", redelivered=False) == 1  # A, a retry, crashes
+    assert start_run(db, message, "b1", redelivered=False) == 1  # B, lock busy ...
+    finish_run(db, message, "b1")  # ... ends
+    assert start_run(db, message, "a2", redelivered=True) == 2  # A's crash is counted
+    assert start_run(db, message, "b2", redelivered=False) == 2  # B again, lock busy
+    finish_run(db, message, "b2")
+    assert start_run(db, message, "a3", redelivered=True) == 3  # and a2's crash
+    finish_run(db, message, "a3")
+    # Every crash was counted once: a finished run leaves nothing for a later redelivery.
+    assert start_run(db, message, "a4", redelivered=True) == 3
 
 
 def test_a_message_waiting_in_killed_workers_is_not_taken_for_poison(
@@ -76,3 +98,36 @@ def test_a_message_waiting_in_killed_workers_is_not_taken_for_poison(
     # Its first run sent a retry, and every later run ended too: no crash ended a run of it.
     assert scalar(db, "SELECT deliveries FROM message_deliveries") == 1
     assert_verified(db)
+
+
+def test_a_message_that_kills_every_worker_is_stopped_while_a_copy_of_it_waits(
+    db: Engine, workers: WorkerFactory, broker: Broker
+) -> None:
+    # Two copies of one message, as a retry sent just before a crash leaves them: each run
+    # that takes the event's lock kills its pool process, and the other copy's runs meanwhile
+    # find the lock held and end in a retry. The copy that waits must not wipe out the count
+    # of the one that crashes: the message is a poison dead letter after the limit's crashes,
+    # one more for the first run (never recorded) and one for a copy's first run that the
+    # other's record hides. With one shared flag it took 9 to 20 kills in four runs, and a
+    # chaos run's poison message never got there.
+    limit = 3
+    worker = workers.start(
+        pool="prefork",
+        concurrency=2,
+        ORDERONCE_FAILPOINTS="before_commit=kill~SKU-POISON",
+        ORDERONCE_POISON_MAX_RETRIES=str(limit),
+    )
+    body = to_json(events.restock("SKU-POISON", 1))
+    app = make_celery(broker.url, broker.settings)
+    message_id = str(uuid.uuid4())
+    for _ in range(2):
+        app.send_task(TASK_NAME, args=[body], task_id=message_id, queue=broker.settings.queue)
+    wait_until(
+        lambda: scalar(db, "SELECT count(*) FROM dead_letters WHERE reason = 'poison'") >= 1,
+        120,
+        "the poison dead letter",
+    )
+    kills = worker.text().count("exited with 'signal 9")
+    assert kills <= limit + 2, f"{kills} pool processes killed before the dead letter"
+    assert scalar(db, "SELECT count(*) FROM inventory WHERE sku = 'SKU-POISON'") == 0
+    assert worker.alive()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from typing import Any
 
 from celery import Task
@@ -32,6 +33,8 @@ from worker.store.deliveries import finish_run, start_run
 log = logging.getLogger(__name__)
 
 ATTEMPTS_HEADER = "orderonce_attempts"
+# The token of the run ``killed_too_often`` recorded, kept on the task's request for ``finished``.
+RUN_ATTRIBUTE = "orderonce_run"
 
 
 def attempts(task: Task) -> dict[str, int]:
@@ -106,25 +109,28 @@ def killed_too_often(task: Task) -> int | None:
 
     A message that kills its worker (a segfault, the OOM killer) is requeued by Celery every
     time, forever: Redis has no delivery limit. Only messages that came back (redelivered, or
-    retries) are counted, so the usual path costs nothing extra; ``finished`` marks a run
-    that ended without a crash, so a message that was only waiting in a worker that died is
+    retries) are counted, so the usual path costs nothing extra; ``finished`` marks the run
+    as ended without a crash, so a message that was only waiting in a worker that died is
     not blamed for it.
     """
     if not _came_back(task):
         return None
     rt = runtime_of(task.app)
+    run = uuid.uuid4().hex
     deliveries = with_db_retries(rt.config.db_attempts)(
-        start_run, rt.engine, task.request.id, redelivered=_redelivered(task)
+        start_run, rt.engine, task.request.id, run, redelivered=_redelivered(task)
     )
+    setattr(task.request, RUN_ATTRIBUTE, run)
     return deliveries if deliveries > rt.settings.poison_max_retries else None
 
 
 def finished(task: Task) -> None:
-    """The run of a message that came back ended without a crash."""
-    if not _came_back(task):
+    """The run counted by ``killed_too_often`` ended without a crash."""
+    run = getattr(task.request, RUN_ATTRIBUTE, None)
+    if run is None:
         return
     try:
-        finish_run(runtime_of(task.app).engine, task.request.id)
+        finish_run(runtime_of(task.app).engine, task.request.id, run)
     except Exception as exc:  # the next redelivery, if any, may count this run: only that
         log.warning("could not record the end of a message's run: %s", exc)
 

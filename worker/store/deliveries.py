@@ -4,37 +4,54 @@ message which ends its worker every time, even on Redis, which has no delivery l
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, case, func, literal, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Engine, and_, case, func, literal, update
+from sqlalchemy.dialects.postgresql import array, insert
 
 from worker.store.tables import message_deliveries
 
 
-def start_run(engine: Engine, message_id: str, *, redelivered: bool) -> int:
-    """A broker message that came back starts a run: how many of its runs a crash ended,
-    counting the current one. Committed at once, so the count survives the crash the message
-    may be about to cause. Only called for messages that came back, redelivered or as a retry
-    (the same message id), so the usual path costs nothing.
+def start_run(engine: Engine, message_id: str, run: str, *, redelivered: bool) -> int:
+    """A broker message that came back starts its run ``run`` (a token unique to this run):
+    how many of its runs a crash ended, counting the current one. Committed at once, so the
+    count survives the crash the message may be about to cause. Only called for messages that
+    came back, redelivered or as a retry (the same message id), so the usual path costs
+    nothing.
 
     What is counted: the first delivery's run, which is never recorded, once a redelivery
-    shows it did not finish; then each recorded run that left ``running`` set when its message
-    was redelivered. A retry follows a run that finished (it sent the retry), so it counts
-    nothing. A message that only waited in a worker that died (in a buffer, for its retry's
-    countdown, in the prefetch) is not counted again: its last run had finished
-    (``finish_run``).
+    shows it did not finish; then, at each redelivery, one run left open (its token still
+    there: the oldest, which that redelivery's own crashed run is most likely to be). A retry
+    follows a run that finished (it sent the retry), so it counts nothing. A message that only
+    waited in a worker that died (in a buffer, for its retry's countdown, in the prefetch) is
+    not counted again: its last run had finished (``finish_run``).
+
+    Copies of one message run under its one id: a retry sent just before a crash kept the
+    original from being acked, a visibility timeout restored a message still running. So each
+    run has a token of its own, and ``finish_run`` takes away only that one: a copy that ended
+    at once (its event's lock held by the run about to crash) cannot clear the mark of the run
+    that crashed, which would let a message that kills every worker go on for ever.
     """
     row = message_deliveries.c
+    counts = and_(literal(redelivered), func.cardinality(row.open_runs) > 0)
     with engine.begin() as conn:
         return int(
             conn.execute(
                 insert(message_deliveries)
-                .values(message_id=message_id, deliveries=2 if redelivered else 1, running=True)
+                .values(
+                    message_id=message_id,
+                    deliveries=2 if redelivered else 1,
+                    open_runs=array([run]),
+                )
                 .on_conflict_do_update(
                     index_elements=[row.message_id],
                     set_={
-                        "deliveries": row.deliveries
-                        + case((row.running & literal(redelivered), 1), else_=0),
-                        "running": True,
+                        "deliveries": row.deliveries + case((counts, 1), else_=0),
+                        "open_runs": func.array_append(
+                            case(
+                                (counts, func.array_remove(row.open_runs, row.open_runs[1])),
+                                else_=row.open_runs,
+                            ),
+                            run,
+                        ),
                         "last_seen": func.now(),
                     },
                 )
@@ -43,12 +60,12 @@ def start_run(engine: Engine, message_id: str, *, redelivered: bool) -> int:
         )
 
 
-def finish_run(engine: Engine, message_id: str) -> None:
-    """The run started by ``start_run`` ended without a crash (an outcome, a retry, an
+def finish_run(engine: Engine, message_id: str, run: str) -> None:
+    """The run ``run`` started by ``start_run`` ended without a crash (an outcome, a retry, an
     error)."""
     with engine.begin() as conn:
         conn.execute(
             update(message_deliveries)
             .where(message_deliveries.c.message_id == message_id)
-            .values(running=False)
+            .values(open_runs=func.array_remove(message_deliveries.c.open_runs, run))
         )

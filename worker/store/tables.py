@@ -7,8 +7,8 @@ and leg/kind: even a bug that ran an event's effects twice could not store them 
 from __future__ import annotations
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
-    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -21,7 +21,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    false,
     func,
     text,
 )
@@ -215,12 +214,14 @@ message_deliveries = Table(
     # Runs of redelivered broker messages that a crash ended: a message that kills its worker
     # every time is stopped after a few, even on Redis, which has no delivery limit.
     # ``deliveries``: the runs so far that never finished, counting the unrecorded first one
-    # and the current one. ``running``: a run started and has not finished; the next
-    # redelivery counts only if it is still set (a message that merely waited in a killed
+    # and the current one. ``open_runs``: one token per run started and not finished, oldest
+    # first. Each run removes only its own token, since copies of one message (a retry sent
+    # just before a crash, a visibility-timeout restore) run at the same time under the same id;
+    # a redelivery counts only when a token is left (a message that merely waited in a killed
     # worker, in a buffer or for its countdown, is not what killed it).
     Column("message_id", Text, primary_key=True),
     Column("deliveries", Integer, nullable=False, server_default="1"),
-    Column("running", Boolean, nullable=False, server_default=false()),
+    Column("open_runs", ARRAY(Text), nullable=False, server_default="{}"),
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

@@ -1,0 +1,36 @@
+"""message_deliveries.open_runs: one token per unfinished run, in place of one shared flag
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-07
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "message_deliveries",
+        sa.Column("open_runs", sa.ARRAY(sa.Text()), server_default="{}", nullable=False),
+    )
+    # A run marked by the flag keeps its mark, as a token no run of today's workers holds: the
+    # next redelivery counts it, as it would have before.
+    op.execute("UPDATE message_deliveries SET open_runs = ARRAY['before-0007'] WHERE running")
+    op.drop_column("message_deliveries", "running")
+
+
+def downgrade() -> None:
+    op.add_column(
+        "message_deliveries",
+        sa.Column("running", sa.Boolean(), server_default=sa.text("false"), nullable=False),
+    )
+    op.execute("UPDATE message_deliveries SET running = cardinality(open_runs) > 0")
+    op.drop_column("message_deliveries", "open_runs")
