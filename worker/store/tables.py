@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -222,6 +224,10 @@ message_deliveries = Table(
     Column("message_id", Text, primary_key=True),
     Column("deliveries", Integer, nullable=False, server_default="1"),
     Column("open_runs", ARRAY(Text), nullable=False, server_default="{}"),
+    # What the previous release marked instead of ``open_runs``: one flag for all of a
+    # message's runs. Its workers still set it during a rolling upgrade; nothing here reads it.
+    # To be dropped by a later release's migration (expand, then contract).
+    Column("running", Boolean, nullable=False, server_default=false()),
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

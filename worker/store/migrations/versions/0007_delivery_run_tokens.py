@@ -1,4 +1,5 @@
-"""message_deliveries.open_runs: one token per unfinished run, in place of one shared flag
+"""message_deliveries.open_runs: one token per unfinished run, in place of one shared flag (kept
+for the previous release's workers until a later release drops it)
 
 Revision ID: 0007
 Revises: 0006
@@ -17,6 +18,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # Expand only (docs/operations.md, "Upgrades"): the previous release's workers still set
+    # `running` while the new ones roll out; it is dropped in a later release.
     op.add_column(
         "message_deliveries",
         sa.Column("open_runs", sa.ARRAY(sa.Text()), server_default="{}", nullable=False),
@@ -24,13 +27,8 @@ def upgrade() -> None:
     # A run marked by the flag keeps its mark, as a token no run of today's workers holds: the
     # next redelivery counts it, as it would have before.
     op.execute("UPDATE message_deliveries SET open_runs = ARRAY['before-0007'] WHERE running")
-    op.drop_column("message_deliveries", "running")
 
 
 def downgrade() -> None:
-    op.add_column(
-        "message_deliveries",
-        sa.Column("running", sa.Boolean(), server_default=sa.text("false"), nullable=False),
-    )
     op.execute("UPDATE message_deliveries SET running = cardinality(open_runs) > 0")
     op.drop_column("message_deliveries", "open_runs")
