@@ -8,6 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 from orderonce.dev.sandboxes import fresh_database
+from tests.db import scalar
 from tests.servers import ServerUrls
 from worker.store.deliveries import start_run
 from worker.store.migrate import alembic_config, upgrade
@@ -34,8 +35,8 @@ def test_migrations_match_the_tables_and_round_trip(servers: ServerUrls) -> None
 
 
 def test_a_run_marked_before_0007_still_counts_after_it(servers: ServerUrls) -> None:
-    # 0007 replaced the one `running` flag per message with a token per run: a run that was
-    # marked when the workers were upgraded (it may have crashed) keeps its mark.
+    # 0007 added a token per run beside the one `running` flag per message: a run that was
+    # marked when the workers were upgraded (it may have crashed) still counts.
     with fresh_database(servers.database_url) as url:
         engine = create_engine(url)
         try:
@@ -52,5 +53,11 @@ def test_a_run_marked_before_0007_still_counts_after_it(servers: ServerUrls) -> 
             upgrade(engine)
             assert start_run(engine, "marked", "r", redelivered=True) == 3
             assert start_run(engine, "finished", "r", redelivered=True) == 2
+            # ... and down again: an open run's token is the flag's mark.
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE message_deliveries SET running = false"))
+                cfg.attributes["connection"] = conn
+                command.downgrade(cfg, "0006")
+            assert scalar(engine, "SELECT count(*) FROM message_deliveries WHERE running") == 2
         finally:
             engine.dispose()

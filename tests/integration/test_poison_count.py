@@ -1,4 +1,4 @@
-"""The durable "kills its worker" count (worker/store/processed.py: ``start_run``) blames
+"""The durable "kills its worker" count (worker/store/deliveries.py: ``start_run``) blames
 a message only for the crashes that ended one of its own runs.
 
 Its other side, a message that kills its worker every time is dead-lettered after a few, is
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from producers import Publisher
 from producers.publisher import to_json
 from tests import events
-from tests.brokers import Broker
+from tests.brokers import BROKER_NAMES, Broker
 from tests.db import assert_verified, scalar
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
@@ -59,6 +60,38 @@ def test_a_copy_that_ends_at_once_does_not_clear_the_crash_of_another(db: Engine
     assert start_run(db, message, "a4", redelivered=True) == 3
 
 
+def test_a_start_recorded_twice_counts_once(db: Engine) -> None:
+    # A commit whose answer was lost is tried again (with_db_retries) with the same token.
+    message = f"msg-{uuid.uuid4()}"
+    assert start_run(db, message, "a1", redelivered=False) == 1  # crashes
+    assert start_run(db, message, "a2", redelivered=True) == 2
+    assert start_run(db, message, "a2", redelivered=True) == 2
+    finish_run(db, message, "a2")
+    assert start_run(db, message, "a3", redelivered=True) == 2
+
+
+def test_the_previous_releases_flag_is_kept_and_counted(db: Engine) -> None:
+    # During a rolling upgrade the previous release's workers mark a run with `running` (set at
+    # its start, cleared at its end) and count a redelivery when it is set.
+    old_workers_crash = f"msg-{uuid.uuid4()}"
+    with db.begin() as conn:
+        conn.execute(
+            text("INSERT INTO message_deliveries (message_id, running) VALUES (:m, true)"),
+            {"m": old_workers_crash},
+        )
+    assert start_run(db, old_workers_crash, "r1", redelivered=True) == 2
+    # Their next start must see a crash of ours: the flag stays set while a token is left,
+    # even when a copy of ours ends meanwhile.
+    ours = f"msg-{uuid.uuid4()}"
+    start_run(db, ours, "a1", redelivered=False)  # crashes
+    start_run(db, ours, "b1", redelivered=False)
+    finish_run(db, ours, "b1")
+    running = "SELECT running::int FROM message_deliveries WHERE message_id = :m"
+    assert scalar(db, running, m=ours) == 1
+    finish_run(db, ours, "a1")  # had it ended after all, the flag goes with it
+    assert scalar(db, running, m=ours) == 0
+
+
 def test_a_message_waiting_in_killed_workers_is_not_taken_for_poison(
     db: Engine, workers: WorkerFactory, publisher: Publisher, servers: ServerUrls
 ) -> None:
@@ -100,6 +133,7 @@ def test_a_message_waiting_in_killed_workers_is_not_taken_for_poison(
     assert_verified(db)
 
 
+@pytest.mark.parametrize("broker", BROKER_NAMES, indirect=True)
 def test_a_message_that_kills_every_worker_is_stopped_while_a_copy_of_it_waits(
     db: Engine, workers: WorkerFactory, broker: Broker
 ) -> None:
@@ -128,6 +162,8 @@ def test_a_message_that_kills_every_worker_is_stopped_while_a_copy_of_it_waits(
         "the poison dead letter",
     )
     kills = worker.text().count("exited with 'signal 9")
-    assert kills <= limit + 2, f"{kills} pool processes killed before the dead letter"
+    # At least the limit's kills less one: a redelivery may count the token of the other
+    # copy's run while that run is still going (a lock-busy retry about to end).
+    assert limit - 1 <= kills <= limit + 2, f"{kills} pool processes killed before the dead letter"
     assert scalar(db, "SELECT count(*) FROM inventory WHERE sku = 'SKU-POISON'") == 0
     assert worker.alive()

@@ -113,14 +113,17 @@ def killed_too_often(task: Task) -> int | None:
     as ended without a crash, so a message that was only waiting in a worker that died is
     not blamed for it.
     """
+    setattr(task.request, RUN_ATTRIBUTE, None)  # whatever a message's headers said
     if not _came_back(task):
         return None
     rt = runtime_of(task.app)
     run = uuid.uuid4().hex
+    # Kept before the start is recorded: a start that committed and then failed to say so is
+    # still ended by ``finished`` (ending a run never recorded changes nothing).
+    setattr(task.request, RUN_ATTRIBUTE, run)
     deliveries = with_db_retries(rt.config.db_attempts)(
         start_run, rt.engine, task.request.id, run, redelivered=_redelivered(task)
     )
-    setattr(task.request, RUN_ATTRIBUTE, run)
     return deliveries if deliveries > rt.settings.poison_max_retries else None
 
 

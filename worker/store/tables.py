@@ -7,7 +7,6 @@ and leg/kind: even a bug that ran an event's effects twice could not store them 
 from __future__ import annotations
 
 from sqlalchemy import (
-    ARRAY,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -26,6 +25,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 metadata = MetaData(
     naming_convention={
@@ -224,9 +224,9 @@ message_deliveries = Table(
     Column("message_id", Text, primary_key=True),
     Column("deliveries", Integer, nullable=False, server_default="1"),
     Column("open_runs", ARRAY(Text), nullable=False, server_default="{}"),
-    # What the previous release marked instead of ``open_runs``: one flag for all of a
-    # message's runs. Its workers still set it during a rolling upgrade; nothing here reads it.
-    # To be dropped by a later release's migration (expand, then contract).
+    # The previous release's mark: one flag for all of a message's runs. Its workers set and
+    # clear it during a rolling upgrade; ``start_run`` counts an open run it marks and keeps
+    # it true while a token is left. To be dropped by a later release (expand, then contract).
     Column("running", Boolean, nullable=False, server_default=false()),
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),

@@ -19,16 +19,14 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     # Expand only (docs/operations.md, "Upgrades"): the previous release's workers still set
-    # `running` while the new ones roll out; it is dropped in a later release.
+    # `running` while the new ones roll out, and the new ones keep it up to date and count the
+    # runs it marks (worker/store/deliveries.py); a later release drops it.
     op.add_column(
         "message_deliveries",
         sa.Column("open_runs", sa.ARRAY(sa.Text()), server_default="{}", nullable=False),
     )
-    # A run marked by the flag keeps its mark, as a token no run of today's workers holds: the
-    # next redelivery counts it, as it would have before.
-    op.execute("UPDATE message_deliveries SET open_runs = ARRAY['before-0007'] WHERE running")
 
 
 def downgrade() -> None:
-    op.execute("UPDATE message_deliveries SET running = cardinality(open_runs) > 0")
+    op.execute("UPDATE message_deliveries SET running = running OR cardinality(open_runs) > 0")
     op.drop_column("message_deliveries", "open_runs")
