@@ -40,6 +40,11 @@ def start_run(engine: Engine, message_id: str, run: str, *, redelivered: bool) -
     ours = row.open_runs.contains(token)
     by_token = func.cardinality(row.open_runs) > 0
     counts = and_(literal(redelivered), not_(ours), or_(by_token, row.running))
+    # The tokens left once a counted run's is taken away (the oldest), before this run's own.
+    others = case(
+        (and_(counts, by_token), func.array_remove(row.open_runs, row.open_runs[1])),
+        else_=row.open_runs,
+    )
     with engine.begin() as conn:
         return int(
             conn.execute(
@@ -55,17 +60,7 @@ def start_run(engine: Engine, message_id: str, run: str, *, redelivered: bool) -
                     set_={
                         "deliveries": row.deliveries + case((counts, 1), else_=0),
                         "open_runs": case(
-                            (ours, row.open_runs),
-                            else_=func.array_append(
-                                case(
-                                    (
-                                        and_(counts, by_token),
-                                        func.array_remove(row.open_runs, row.open_runs[1]),
-                                    ),
-                                    else_=row.open_runs,
-                                ),
-                                run,
-                            ),
+                            (ours, row.open_runs), else_=func.array_append(others, run)
                         ),
                         "running": True,
                         "last_seen": func.now(),
