@@ -23,6 +23,7 @@ from tests import events
 from tests.servers import ServerUrls
 from tests.workers import WorkerFactory, wait_until
 from worker.ops import metrics, reports
+from worker.protocol.locks import lock_name
 from worker.store import dead_letters
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -166,6 +167,49 @@ def test_a_batch_counts_each_of_its_events(
     assert _value(samples, "orderonce_processing_seconds_count") == 6
     assert _value(samples, "orderonce_lag_seconds_count") == 5
     assert _value(samples, "orderonce_dead_letters_total", reason="malformed_json") == 1
+
+
+@pytest.mark.parametrize(
+    ("pool", "as_batch", "env"),
+    [
+        # The default pool: the event waits in the buffer for later batches (tries enough to
+        # outlast the lock below).
+        ("buffered", False, {"ORDERONCE_BATCH_TOO_EARLY_RETRIES": "20"}),
+        # A batch message: quick tries, then the single path with a countdown.
+        ("solo", True, {}),
+    ],
+)
+def test_a_batch_that_finds_an_event_lock_held_counts_it(
+    workers: WorkerFactory,
+    servers: ServerUrls,
+    settings: Settings,
+    pool: str,
+    as_batch: bool,
+    env: dict[str, str],
+) -> None:
+    # The batch protocol hands such an event back instead of retrying it, and nothing counted
+    # that: the default pool's lock contention and retries read 0 while it had plenty. The
+    # lock expires in 300 ms, so the event applies from the buffer, or from the single path
+    # after its one-second countdown, where nothing else would count it.
+    port = _free_port()
+    workers.start(pool=pool, args=["--metrics-port", str(port)], **env)
+    event = events.restock("SKU-LB", 1)
+    redis.Redis.from_url(servers.redis_url).set(
+        lock_name(event.source, event.id), "another-worker", px=300
+    )
+    publisher = Publisher(servers.redis_url, settings)
+    try:
+        if as_batch:
+            publisher.publish_raw_batch([publisher.body(event)])
+        else:
+            publisher.publish(event)
+    finally:
+        publisher.close()
+
+    samples = _scrape_when_counted(port, 1, "the event applied once its lock expired")
+    assert _events_by_labels(samples) == {("applied", "", "inventory.restocked"): 1}
+    assert (_value(samples, "orderonce_lock_contention_total") or 0) >= 1
+    assert (_value(samples, "orderonce_retries_total", reason="lock_busy") or 0) >= 1
 
 
 def test_metrics_are_no_ops_when_off(monkeypatch: pytest.MonkeyPatch) -> None:

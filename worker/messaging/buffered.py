@@ -65,7 +65,7 @@ from schemas.vocabulary import RetryCause
 from worker.messaging.amqp_acks import Deliveries, ack_all
 from worker.messaging.broker import TASK_NAME
 from worker.messaging.fast_json import read_exactly
-from worker.messaging.retry import ATTEMPTS_HEADER
+from worker.messaging.retry import ATTEMPTS_HEADER, count_handed_back
 from worker.ops import metrics
 from worker.protocol import HandedBack, Outcome
 from worker.store.db import is_transient
@@ -283,7 +283,9 @@ class Buffer:
         alone: list[Any] = []
         for h in back:
             item = items[h.position]
-            if h.worth_trying_again_soon and item.tries < self.later_tries and not last:
+            kept = h.worth_trying_again_soon and item.tries < self.later_tries and not last
+            count_handed_back(h.why, later=kept)
+            if kept:
                 again.append(replace(item, tries=item.tries + 1))
             else:
                 alone.append(item.message)

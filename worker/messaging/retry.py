@@ -77,6 +77,17 @@ def later(task: Task, cause: RetryCause, countdown: float) -> Retry:
         raise Reject(str(exc), requeue=True) from exc
 
 
+def count_handed_back(why: str, *, later: bool) -> None:
+    """Metrics for an event the batch protocol handed back, as the single path counts its
+    own: a lock found held is contention, and an event put off to a later try (a later
+    batch, or the broker with a countdown) is a retry of its cause. Without this the default
+    pool's contention showed nowhere: it hands back instead of retrying."""
+    if why == RetryCause.LOCK_BUSY:
+        metrics.observe_lock_busy()
+    if later and why in (RetryCause.LOCK_BUSY, RetryCause.TOO_EARLY):
+        metrics.observe_retry(why)
+
+
 def database_unavailable(task: Task) -> Retry:
     tried = attempts(task).get(RetryCause.DATABASE, 0)
     s = runtime_of(task.app).settings

@@ -268,7 +268,8 @@ def observe_lock_busy() -> None:
 
 @_never_raises
 def observe_retry(reason: str) -> None:
-    """A delivery handed back to the broker: lock_busy, too_early, database or error."""
+    """A delivery, or an event of a batch, put off for later: lock_busy, too_early, database or
+    error."""
     m = _get()
     if m is not None:
         m.retries.labels(_bounded(reason, RETRY_REASONS) or OTHER).inc()
