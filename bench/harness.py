@@ -257,6 +257,7 @@ class CommitListener:
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._conn = psycopg.connect(self._url, autocommit=True)
         self.seen: dict[tuple[str, str], float] = {}
+        self._collecting = False  # whether collection was on before it listened
 
     def _ddl(self, install: bool) -> None:
         with psycopg.connect(self._url, autocommit=True) as conn:
@@ -307,16 +308,25 @@ class CommitListener:
         self._collecting = gc.isenabled()
         gc.collect()
         gc.disable()
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._collect_again()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        if self._collecting:
-            gc.enable()
+        try:
+            self._done.set()
+            self._thread.join()
+        finally:
+            self._collect_again()
         self._conn.close()
         self._ddl(install=False)
+
+    def _collect_again(self) -> None:
+        if self._collecting:
+            gc.enable()
 
 
 def demo_stream(run: str, count: int, seed: int) -> DemoStream:

@@ -31,7 +31,8 @@ class DuplicateCause(StrEnum):
 
 
 class RetryCause(StrEnum):
-    """Why a delivery went back to the broker for later; each has its own budget."""
+    """Why a delivery (or an event of a batch) was put off for later; each has its own
+    budget."""
 
     LOCK_BUSY = "lock_busy"
     TOO_EARLY = "too_early"

@@ -42,7 +42,7 @@ def test_an_event_handed_back_counts_as_committed_only_when_its_row_commits(db: 
 
 
 def test_no_garbage_collection_pauses_the_benchmark_while_it_listens(db: Engine) -> None:
-    # A full collection of the benchmark's heap took 30 to 80 ms: inside a paced phase it was
+    # A full collection of the benchmark's heap took 28 to 80 ms: inside a paced phase it was
     # counted as the workers' latency.
     assert gc.isenabled()
     with CommitListener(db.url.render_as_string(hide_password=False)):

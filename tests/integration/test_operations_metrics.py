@@ -172,11 +172,12 @@ def test_a_batch_counts_each_of_its_events(
 @pytest.mark.parametrize(
     ("pool", "as_batch", "env"),
     [
-        # The default pool: the event waits in the buffer for later batches (tries enough to
-        # outlast the lock below).
-        ("buffered", False, {"ORDERONCE_BATCH_TOO_EARLY_RETRIES": "20"}),
-        # A batch message: quick tries, then the single path with a countdown.
-        ("solo", True, {}),
+        # The default pool: the event waits in the buffer for later batches, 50 ms apart at
+        # most (tries enough to outlast the lock below, about 2 s).
+        ("buffered", False, {"ORDERONCE_BATCH_TOO_EARLY_RETRIES": "40"}),
+        # A batch message: quick tries (150 ms in all), then the single path with a countdown
+        # of 1.5 to 6 s, by when the lock is gone.
+        ("solo", True, {"ORDERONCE_LOCK_BUSY_COUNTDOWN_S": "3"}),
     ],
 )
 def test_a_batch_that_finds_an_event_lock_held_counts_it(
@@ -187,22 +188,22 @@ def test_a_batch_that_finds_an_event_lock_held_counts_it(
     as_batch: bool,
     env: dict[str, str],
 ) -> None:
-    # The batch protocol hands such an event back instead of retrying it, and nothing counted
-    # that: the default pool's lock contention and retries read 0 while it had plenty. The
-    # lock expires in 300 ms, so the event applies from the buffer, or from the single path
-    # after its one-second countdown, where nothing else would count it.
+    # The batch protocol hands such an event back instead of retrying it. The lock expires
+    # in a second, so the event then applies from the buffer, or from the single path, which
+    # finds the lock free and counts nothing itself: what is counted is the hand-back.
     port = _free_port()
     workers.start(pool=pool, args=["--metrics-port", str(port)], **env)
     event = events.restock("SKU-LB", 1)
-    redis.Redis.from_url(servers.redis_url).set(
-        lock_name(event.source, event.id), "another-worker", px=300
-    )
     publisher = Publisher(servers.redis_url, settings)
+    body = publisher.body(event)
     try:
+        redis.Redis.from_url(servers.redis_url).set(
+            lock_name(event.source, event.id), "another-worker", px=1000
+        )
         if as_batch:
-            publisher.publish_raw_batch([publisher.body(event)])
+            publisher.publish_raw_batch([body])
         else:
-            publisher.publish(event)
+            publisher.publish_raw(body)
     finally:
         publisher.close()
 

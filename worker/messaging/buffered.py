@@ -284,7 +284,7 @@ class Buffer:
         for h in back:
             item = items[h.position]
             kept = h.worth_trying_again_soon and item.tries < self.later_tries and not last
-            count_handed_back(h.why, later=kept)
+            count_handed_back(h.why, put_off=kept)
             if kept:
                 again.append(replace(item, tries=item.tries + 1))
             else:

@@ -26,7 +26,7 @@ from schemas.vocabulary import RetryCause
 from worker.messaging.broker import retry_countdown
 from worker.messaging.runtime import runtime_of
 from worker.ops import metrics
-from worker.protocol import with_db_retries
+from worker.protocol import HandBackReason, with_db_retries
 from worker.store.db import is_transient
 from worker.store.deliveries import finish_run, start_run
 
@@ -77,15 +77,15 @@ def later(task: Task, cause: RetryCause, countdown: float) -> Retry:
         raise Reject(str(exc), requeue=True) from exc
 
 
-def count_handed_back(why: str, *, later: bool) -> None:
+def count_handed_back(why: HandBackReason, *, put_off: bool) -> None:
     """Metrics for an event the batch protocol handed back, as the single path counts its
     own: a lock found held is contention, and an event put off to a later try (a later
-    batch, or the broker with a countdown) is a retry of its cause. Without this the default
-    pool's contention showed nowhere: it hands back instead of retrying."""
-    if why == RetryCause.LOCK_BUSY:
+    batch, or the broker with a countdown) is a retry of its cause. The batch's own quick
+    tries in between are not counted: they happen within one delivery of the batch."""
+    if why == "lock_busy":
         metrics.observe_lock_busy()
-    if later and why in (RetryCause.LOCK_BUSY, RetryCause.TOO_EARLY):
-        metrics.observe_retry(why)
+    if put_off and why != "single_path":
+        metrics.observe_retry(RetryCause(why))
 
 
 def database_unavailable(task: Task) -> Retry:

@@ -203,7 +203,7 @@ def _handle_batch(
         log.exception("batch failed; splitting it")
         return _split(task, bodies, f"{type(exc).__name__}: {exc}")
     for back in handed_back:
-        retry.count_handed_back(back.why, later=back.worth_trying_again_soon)
+        retry.count_handed_back(back.why, put_off=back.worth_trying_again_soon)
         if back.why == "too_early":
             countdown = retry.too_early_countdown(task, 0)
             hand_to_single_path(task.app, back.body, countdown, RetryCause.TOO_EARLY)

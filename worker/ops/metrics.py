@@ -119,7 +119,9 @@ def _create() -> _Metrics:
             "orderonce_lock_contention", "Event locks found held by another worker."
         ),
         retries=Counter(
-            "orderonce_retries", "Deliveries handed back for later, by why.", ["reason"]
+            "orderonce_retries",
+            "Deliveries, or events of a batch, put off for later, by why.",
+            ["reason"],
         ),
         dead_letters=Counter(
             "orderonce_dead_letters", "Dead letters recorded, by reason.", ["reason"]
@@ -260,6 +262,7 @@ def observe_many(histogram: Histogram, amounts: list[float]) -> None:
         buckets[i].inc(n)
 
 
+@_never_raises
 def observe_lock_busy() -> None:
     m = _get()
     if m is not None:

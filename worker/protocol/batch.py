@@ -53,6 +53,7 @@ from worker.store.effects.batch import BatchEffects, Punt, json_rows
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+HandBackReason = Literal["lock_busy", "too_early", "single_path"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class HandedBack:
     """An event for the single-event protocol, with why (``too_early``: after a pause)."""
 
     body: bytes
-    why: Literal["lock_busy", "too_early", "single_path"]
+    why: HandBackReason
     reason: str
     position: int  # in the batch message
 
