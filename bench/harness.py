@@ -299,20 +299,17 @@ class CommitListener:
     def __enter__(self) -> CommitListener:
         self._conn.execute(f"LISTEN {self.CHANNEL}")
         self._ddl(install=True)
+        self._thread.start()
         # This process stamps each commit as it hears of it, and the paced loads push from it:
         # a pause here is counted as the workers' latency. A full garbage collection is such a
         # pause: 28 to 44 ms here with the start-up heap frozen (bench.throughput freezes it),
         # 50 to 80 ms without, whenever the collector's thresholds fall due. So none runs
         # while it listens: reference counting still frees nearly everything, and what a few
-        # seconds leave in cycles is collected afterwards.
+        # seconds leave in cycles is collected afterwards. Last in here, so that nothing can
+        # fail after it and leave collection off.
         self._collecting = gc.isenabled()
         gc.collect()
         gc.disable()
-        try:
-            self._thread.start()
-        except BaseException:
-            self._collect_again()
-            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -320,13 +317,10 @@ class CommitListener:
             self._done.set()
             self._thread.join()
         finally:
-            self._collect_again()
+            if self._collecting:
+                gc.enable()
         self._conn.close()
         self._ddl(install=False)
-
-    def _collect_again(self) -> None:
-        if self._collecting:
-            gc.enable()
 
 
 def demo_stream(run: str, count: int, seed: int) -> DemoStream:
