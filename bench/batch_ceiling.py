@@ -126,6 +126,64 @@ def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: i
     return Recording(transactions, len(bodies), seconds, own, server)
 
 
+def fixed_and_per_event(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """The least-squares line through (batch size, cost of one batch) points: the fixed cost
+    of a batch and the cost per event in it."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    spread = sum((x - mx) ** 2 for x, _ in points)
+    if n < 2 or spread == 0:
+        raise ValueError("need batches of at least two sizes")
+    per_event = sum((x - mx) * (y - my) for x, y in points) / spread
+    return my - per_event * mx, per_event
+
+
+def batch_cost(
+    template_url: str, redis_url: str, bodies: list[bytes], sizes: tuple[int, ...]
+) -> dict[str, Any]:
+    """What one batch costs, fixed and per event: the batch protocol alone (``record``) over
+    the same ``bodies`` in batches of each size, each on a fresh copy of ``template_url``; a
+    line through (events per batch, CPU per batch), for this process and for the database
+    server. Small batches are what a consumer forms at a moderate rate, and their fixed part
+    (round trips, statements, the commit) is what they cost more per event."""
+    measured: list[dict[str, Any]] = []
+    for size in sizes:
+        with database_copy(template_url) as url:
+            recording = record(url, redis_url, bodies, size)
+        batches = len(recording.transactions)
+        measured.append(
+            {
+                "batch_size": size,
+                "batches": batches,
+                "protocol_cpu_ms_per_batch": recording.cpu_s / batches * 1000,
+                "server_cpu_ms_per_batch": (
+                    recording.server_cpu_s / batches * 1000
+                    if recording.server_cpu_s is not None
+                    else None
+                ),
+            }
+        )
+
+    def line(key: str) -> dict[str, float] | None:
+        points: list[tuple[float, float]] = []
+        for m in measured:
+            if m[key] is None:
+                return None  # the server's processes are not readable from here
+            points.append((len(bodies) / m["batches"], float(m[key])))
+        fixed_ms, per_event_ms = fixed_and_per_event(points)
+        return {"fixed_ms": round(fixed_ms, 2), "per_event_us": round(per_event_ms * 1000, 1)}
+
+    return {
+        "events": len(bodies),
+        "protocol": line("protocol_cpu_ms_per_batch"),
+        "server": line("server_cpu_ms_per_batch"),
+        "measured": [
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()} for m in measured
+        ],
+    }
+
+
 def _replay_client(
     url: str, transactions: list[Transaction], barrier: Barrier, out: Queue[list[float]]
 ) -> None:

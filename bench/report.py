@@ -285,6 +285,8 @@ def print_results(results: dict[str, Any]) -> None:
         + (f" and {server:.0f} µs in PostgreSQL" if server is not None else "")
         + f", {batch['statements_per_batch']:.1f} statements per batch"
     )
+    if text := _batch_cost(results):
+        print(" ", text.strip())
 
 
 # --- the stamped table of docs/performance.md -------------------------------------------------
@@ -335,7 +337,21 @@ def _machine_speed(results: dict[str, Any]) -> str:
     return (
         f" This machine's speed in the run: the batch protocol alone (one thread, no Celery) used"
         f" {alone['cpu_us_per_event']:.0f} µs of CPU per event, and PostgreSQL"
-        f" {alone['server_cpu_us_per_event']:.0f} µs."
+        f" {alone['server_cpu_us_per_event']:.0f} µs." + _batch_cost(results)
+    )
+
+
+def _batch_cost(results: dict[str, Any]) -> str:
+    """A batch's fixed cost beside its cost per event, where the run measured both."""
+    cost = results.get("batch_cost")
+    if not cost or not cost["protocol"] or not cost["server"]:
+        return ""
+    sizes = " and ".join(str(n) for n in sorted({m["batch_size"] for m in cost["measured"]}))
+    p, db = cost["protocol"], cost["server"]
+    return (
+        f" One batch of it cost a fixed {p['fixed_ms']:.1f} ms of CPU plus {p['per_event_us']:.0f}"
+        f" µs per event, and PostgreSQL {db['fixed_ms']:.1f} ms plus {db['per_event_us']:.0f} µs"
+        f" (the same {cost['events']:,} events in batches of {sizes})."
     )
 
 

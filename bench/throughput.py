@@ -83,6 +83,13 @@ from orderonce.dev.embedded import urls_or_embedded
 from orderonce.dev.sandboxes import empty_redis_db, fresh_database
 from orderonce.heap import freeze_startup_heap
 
+# What one batch costs, fixed and per event (batch_ceiling.batch_cost): the first events of
+# batch mode's recorded stream, in batches of 10 (what a consumer forms at a moderate rate)
+# and of 100, each twice and in turn: this VM's speed drifted by a third between two passes
+# a few seconds apart.
+COST_EVENTS = 4000
+COST_SIZES = (10, 100, 10, 100)
+
 
 def _one_run(
     k: int,
@@ -171,6 +178,10 @@ def run(opts: Options) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
+            head = recorded.restocks + recorded.publications[:COST_EVENTS]
+            cost = batch_ceiling.batch_cost(
+                ceiling_base, redis_url, [p.body.encode() for p in head], COST_SIZES
+            )
             for k in range(1, opts.runs + 1):
                 for n in opts.workers:
                     runs.append(
@@ -242,6 +253,10 @@ def run(opts: Options) -> dict[str, Any]:
             " protocol over batch_events events of the stream), replayed with psycopg by N"
             " processes, each on its own copy of a database with history: events/s, the"
             " database server's CPU per event, one batch's transaction time",
+            "batch_cost": "the batch protocol alone (one thread, no Celery) over the same"
+            " events in batches of each size, each on a fresh copy of a database with history: a"
+            " line through the CPU time of one batch (this process; the database server) against"
+            " its size, its fixed part in ms and its part per event in µs",
             "cpu_us_per_event": "batch mode's drain: CPU time per event of the workers' process"
             " trees, the PostgreSQL server (postmaster, children, reaped children) and Redis"
             " (INFO cpu), from /proc; None where a server's processes are not readable here",
@@ -253,6 +268,7 @@ def run(opts: Options) -> dict[str, Any]:
         "summary": report.summarize(runs, opts.workers),
         "protocol_alone": alone,
         "batch_protocol_alone": recording.alone,
+        "batch_cost": cost,
         "runs": runs,
     }
 
