@@ -89,8 +89,13 @@ def database_copy(database_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: int) -> Recording:
-    """Run the batch protocol over ``bodies`` on ``database_url`` and keep what it sent."""
+def record(
+    database_url: str, redis_url: str, bodies: list[bytes], batch_size: int, warm_up: int = 0
+) -> Recording:
+    """Run the batch protocol over ``bodies`` on ``database_url`` and keep what it sent. The
+    first ``warm_up`` bodies are applied first, neither timed nor kept: the connection is
+    opened and the statements prepared, one-off costs that would otherwise weigh on the few
+    batches of a large size more than on the many of a small one."""
     engine = make_engine(database_url, Settings())
     client = redis.Redis.from_url(redis_url)
     current: Transaction = []
@@ -110,9 +115,14 @@ def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: i
     locks = BatchLocks(client, Settings().lock_ttl_ms)
     config = protocol.Config()
     postmaster = cpu.postmaster(database_url)
+    for i in range(0, warm_up, batch_size):
+        protocol.process_batch(
+            bodies[i : min(i + batch_size, warm_up)], engine=engine, locks=locks, config=config
+        )
+    current = []
     server_before = cpu.tree_cpu_s(postmaster) if postmaster else 0.0
     own, start = time.process_time(), time.perf_counter()
-    for i in range(0, len(bodies), batch_size):
+    for i in range(warm_up, len(bodies), batch_size):
         protocol.process_batch(
             bodies[i : i + batch_size], engine=engine, locks=locks, config=config
         )
@@ -123,7 +133,7 @@ def record(database_url: str, redis_url: str, bodies: list[bytes], batch_size: i
     server = cpu.tree_cpu_s(postmaster) - server_before if postmaster else None
     engine.dispose()
     client.close()
-    return Recording(transactions, len(bodies), seconds, own, server)
+    return Recording(transactions, len(bodies) - warm_up, seconds, own, server)
 
 
 def fixed_and_per_event(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -140,17 +150,19 @@ def fixed_and_per_event(points: list[tuple[float, float]]) -> tuple[float, float
 
 
 def batch_cost(
-    template_url: str, redis_url: str, bodies: list[bytes], sizes: tuple[int, ...]
+    template_url: str, redis_url: str, bodies: list[bytes], sizes: tuple[int, ...], warm_up: int
 ) -> dict[str, Any]:
     """What one batch costs, fixed and per event: the batch protocol alone (``record``) over
-    the same ``bodies`` in batches of each size, each on a fresh copy of ``template_url``; a
-    line through (events per batch, CPU per batch), for this process and for the database
-    server. Small batches are what a consumer forms at a moderate rate, and their fixed part
-    (round trips, statements, the commit) is what they cost more per event."""
+    the same ``bodies`` in batches of each size, each on a fresh copy of ``template_url``
+    (the first ``warm_up`` bodies applied untimed); a line through (events per batch, CPU per
+    batch), for this process and for the database server. Small batches are what a consumer
+    forms at a moderate rate, and their fixed part (round trips, statements, the commit) is
+    what they cost more per event."""
     measured: list[dict[str, Any]] = []
+    timed = len(bodies) - warm_up
     for size in sizes:
         with database_copy(template_url) as url:
-            recording = record(url, redis_url, bodies, size)
+            recording = record(url, redis_url, bodies, size, warm_up)
         batches = len(recording.transactions)
         measured.append(
             {
@@ -170,12 +182,12 @@ def batch_cost(
         for m in measured:
             if m[key] is None:
                 return None  # the server's processes are not readable from here
-            points.append((len(bodies) / m["batches"], float(m[key])))
+            points.append((timed / m["batches"], float(m[key])))
         fixed_ms, per_event_ms = fixed_and_per_event(points)
         return {"fixed_ms": round(fixed_ms, 2), "per_event_us": round(per_event_ms * 1000, 1)}
 
     return {
-        "events": len(bodies),
+        "events": timed,
         "protocol": line("protocol_cpu_ms_per_batch"),
         "server": line("server_cpu_ms_per_batch"),
         "measured": [
