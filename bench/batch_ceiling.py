@@ -115,19 +115,21 @@ def record(
     locks = BatchLocks(client, Settings().lock_ttl_ms)
     config = protocol.Config()
     postmaster = cpu.postmaster(database_url)
-    for i in range(0, warm_up, batch_size):
-        protocol.process_batch(
-            bodies[i : min(i + batch_size, warm_up)], engine=engine, locks=locks, config=config
-        )
-    current = []
+
+    def apply(begin: int, end: int) -> None:
+        nonlocal current
+        for i in range(begin, end, batch_size):
+            protocol.process_batch(
+                bodies[i : min(i + batch_size, end)], engine=engine, locks=locks, config=config
+            )
+            transactions.append(current)
+            current = []
+
+    apply(0, warm_up)
+    del transactions[:]  # the warm-up's statements are not part of the recording
     server_before = cpu.tree_cpu_s(postmaster) if postmaster else 0.0
     own, start = time.process_time(), time.perf_counter()
-    for i in range(warm_up, len(bodies), batch_size):
-        protocol.process_batch(
-            bodies[i : i + batch_size], engine=engine, locks=locks, config=config
-        )
-        transactions.append(current)
-        current = []
+    apply(warm_up, len(bodies))
     seconds, own = time.perf_counter() - start, time.process_time() - own
     # Read while the session's backend is alive: an exiting one's time is briefly unaccounted.
     server = cpu.tree_cpu_s(postmaster) - server_before if postmaster else None
@@ -140,10 +142,12 @@ def fixed_and_per_event(points: list[tuple[float, float]]) -> tuple[float, float
     """The least-squares line through (batch size, cost of one batch) points: the fixed cost
     of a batch and the cost per event in it."""
     n = len(points)
+    if n < 2:
+        raise ValueError("need batches of at least two sizes")
     mx = sum(x for x, _ in points) / n
     my = sum(y for _, y in points) / n
     spread = sum((x - mx) ** 2 for x, _ in points)
-    if n < 2 or spread == 0:
+    if spread == 0:
         raise ValueError("need batches of at least two sizes")
     per_event = sum((x - mx) * (y - my) for x, y in points) / spread
     return my - per_event * mx, per_event
@@ -151,15 +155,18 @@ def fixed_and_per_event(points: list[tuple[float, float]]) -> tuple[float, float
 
 def batch_cost(
     template_url: str, redis_url: str, bodies: list[bytes], sizes: tuple[int, ...], warm_up: int
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """What one batch costs, fixed and per event: the batch protocol alone (``record``) over
     the same ``bodies`` in batches of each size, each on a fresh copy of ``template_url``
     (the first ``warm_up`` bodies applied untimed); a line through (events per batch, CPU per
     batch), for this process and for the database server. Small batches are what a consumer
     forms at a moderate rate, and their fixed part (round trips, statements, the commit) is
-    what they cost more per event."""
+    what they cost more per event. None when too few events are left to time two batches of
+    the largest size."""
     measured: list[dict[str, Any]] = []
     timed = len(bodies) - warm_up
+    if timed < 2 * max(sizes):
+        return None
     for size in sizes:
         with database_copy(template_url) as url:
             recording = record(url, redis_url, bodies, size, warm_up)

@@ -342,16 +342,19 @@ def _machine_speed(results: dict[str, Any]) -> str:
 
 
 def _batch_cost(results: dict[str, Any]) -> str:
-    """A batch's fixed cost beside its cost per event, where the run measured both."""
+    """A batch's fixed cost beside its cost per event, where the run measured it (PostgreSQL's
+    part where its processes could be read from here)."""
     cost = results.get("batch_cost")
-    if not cost or not cost["protocol"] or not cost["server"]:
+    if not cost or not cost["protocol"]:
         return ""
     sizes = " and ".join(str(n) for n in sorted({m["batch_size"] for m in cost["measured"]}))
     p, db = cost["protocol"], cost["server"]
+    server = (
+        f", and PostgreSQL {db['fixed_ms']:.1f} ms plus {db['per_event_us']:.0f} µs" if db else ""
+    )
     return (
         f" One batch of it cost a fixed {p['fixed_ms']:.1f} ms of CPU plus {p['per_event_us']:.0f}"
-        f" µs per event, and PostgreSQL {db['fixed_ms']:.1f} ms plus {db['per_event_us']:.0f} µs"
-        f" (the same {cost['events']:,} events in batches of {sizes})."
+        f" µs per event{server} (the same {cost['events']:,} events in batches of {sizes})."
     )
 
 

@@ -179,13 +179,15 @@ def run(opts: Options) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-            head = recorded.restocks + recorded.publications[: COST_WARM_UP + COST_EVENTS]
+            # Restocks first, so that the orders find stock; they are part of the warm-up.
+            warm_up = min(COST_WARM_UP, len(recorded.publications) // 4)
+            head = recorded.restocks + recorded.publications[: warm_up + COST_EVENTS]
             cost = batch_ceiling.batch_cost(
                 ceiling_base,
                 redis_url,
                 [p.body.encode() for p in head],
                 COST_SIZES,
-                len(recorded.restocks) + COST_WARM_UP,
+                len(recorded.restocks) + warm_up,
             )
             for k in range(1, opts.runs + 1):
                 for n in opts.workers:
