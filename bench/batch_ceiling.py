@@ -126,7 +126,7 @@ def record(
             current = []
 
     apply(0, warm_up)
-    del transactions[:]  # the warm-up's statements are not part of the recording
+    transactions.clear()  # the warm-up's statements are not part of the recording
     server_before = cpu.tree_cpu_s(postmaster) if postmaster else 0.0
     own, start = time.process_time(), time.perf_counter()
     apply(warm_up, len(bodies))
@@ -141,14 +141,12 @@ def record(
 def fixed_and_per_event(points: list[tuple[float, float]]) -> tuple[float, float]:
     """The least-squares line through (batch size, cost of one batch) points: the fixed cost
     of a batch and the cost per event in it."""
-    n = len(points)
-    if n < 2:
+    if len({x for x, _ in points}) < 2:
         raise ValueError("need batches of at least two sizes")
+    n = len(points)
     mx = sum(x for x, _ in points) / n
     my = sum(y for _, y in points) / n
     spread = sum((x - mx) ** 2 for x, _ in points)
-    if spread == 0:
-        raise ValueError("need batches of at least two sizes")
     per_event = sum((x - mx) * (y - my) for x, y in points) / spread
     return my - per_event * mx, per_event
 
